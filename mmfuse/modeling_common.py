@@ -1,0 +1,240 @@
+"""Layers and helpers shared by the mmfuse fusion types.
+
+This file is Hub code: it imports only `torch`, `transformers` and the standard library.
+It also hides the differences between transformers 4.57 and 5.x that the models meet: the
+name of the KV cache argument (`past_key_values` in 4.x, `cache` in 5.x) and the format of
+`_tied_weights_keys` (a list in 4.x, a target-to-source dict in 5.x).
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+from transformers import __version__ as transformers_version
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+TRANSFORMERS_MAJOR = int(transformers_version.split(".")[0])
+
+# Name of the KV cache field of transformers' model outputs in the installed version.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# Vision towers that transformers 4.x nests one level deeper (`vision_tower.vision_model.*`) than
+# 5.x saves them (`vision_tower.*`).
+NESTED_VISION_MODEL_TOWERS = frozenset({"clip_vision_model", "siglip_vision_model", "siglip2_vision_model"})
+
+
+@dataclass
+class MmfuseModelOutputWithPast(BaseModelOutputWithPast):
+    """Output of an mmfuse base model: the LM's hidden states plus the image features it used.
+
+    `image_hidden_states` has shape `[num_images, num_image_tokens, hidden_size]` for the
+    projection type, `[batch_size, num_images, num_latents, hidden_size]` for cross-attention.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class MmfuseCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Output of an mmfuse head: loss, logits, KV cache and the image features that were used."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class MmfusePreTrainedModel(PreTrainedModel):
+    """Base of every mmfuse model: the flags all fusion types share and cross-version loading."""
+
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = []
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _supports_cache_class = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if TRANSFORMERS_MAJOR < 5 and "key_mapping" not in kwargs:
+            # A folder written by 5.x stores CLIP/SigLIP towers without the `vision_model.` level
+            # that 4.x expects; without this renaming 4.x would warn and use a random tower.
+            config = kwargs.get("config")
+            if not isinstance(config, cls.config_class):
+                config = cls.config_class.from_pretrained(
+                    pretrained_model_name_or_path,
+                    **{key: kwargs[key] for key in ("revision", "token", "cache_dir", "subfolder") if key in kwargs},
+                )
+            vision_config = getattr(config, "vision_config", None)
+            if vision_config is not None and vision_config.model_type in NESTED_VISION_MODEL_TOWERS:
+                kwargs["key_mapping"] = {
+                    r"^(model\.)?vision_tower\.(?!vision_model\.)": r"\1vision_tower.vision_model.",
+                }
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def cache_from_kwargs(past_key_values, cache, kwargs: dict):
+    """Return the KV cache whichever name the caller used for it."""
+    if cache is None:
+        cache = past_key_values
+    if cache is None:
+        cache = kwargs.pop("cache", None)
+    kwargs.pop("cache_position", None)  # 4.57 passes it; the LM rebuilds it from the cache length
+    kwargs.pop("return_dict", None)  # mmfuse models always return a ModelOutput
+    return cache
+
+
+def cache_argument_name(module: torch.nn.Module) -> str:
+    """Return the keyword under which `module.forward` accepts a KV cache."""
+    parameters = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(outputs):
+    """Read the KV cache out of a transformers model output of either major version."""
+    return getattr(outputs, CACHE_FIELD, None)
+
+
+def has_cached_tokens(cache) -> bool:
+    """True once a KV cache holds at least one position, i.e. after the prefill step."""
+    if cache is None:
+        return False
+    if hasattr(cache, "get_seq_length"):
+        return cache.get_seq_length() > 0
+    return len(cache) > 0  # legacy tuple cache
+
+
+def tied_weights_keys(model: torch.nn.Module, input_embeddings: torch.nn.Module, output_name: str = "lm_head.weight"):
+    """Return `_tied_weights_keys` in the format of the installed transformers version."""
+    if TRANSFORMERS_MAJOR < 5:
+        return [output_name]
+    embedding_name = next(name for name, module in model.named_modules() if module is input_embeddings)
+    return {output_name: f"{embedding_name}.weight"}
+
+
+def select_vision_features(
+    vision_tower: torch.nn.Module,
+    pixel_values: torch.FloatTensor,
+    feature_layer,
+    drop_cls_token: bool,
+) -> torch.FloatTensor:
+    """Run the vision tower and return the requested hidden states as one sequence of features.
+
+    Args:
+        pixel_values: `[num_images, num_channels, height, width]`.
+        feature_layer: index into the tower's hidden states, or a list of indices whose
+            features are concatenated along the last dimension.
+        drop_cls_token: remove the first token of every selected hidden state.
+
+    Returns:
+        `[num_images, num_patches, hidden_size * num_feature_layers]`.
+    """
+    tower_dtype = next(vision_tower.parameters()).dtype
+    outputs = vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True)
+    hidden_states = outputs.hidden_states
+    if hidden_states is None:
+        # Towers that report no intermediate states (timm wrappers) offer their last output only.
+        hidden_states = (outputs.last_hidden_state,)
+    layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+
+    selected = []
+    for layer in layers:
+        if not -len(hidden_states) <= layer < len(hidden_states):
+            raise ValueError(
+                f"vision_feature_layer={layer} is out of range: the vision tower returns {len(hidden_states)} "
+                "hidden states; use an index between "
+                f"{-len(hidden_states)} and {len(hidden_states) - 1}."
+            )
+        features = hidden_states[layer]
+        if features.dim() == 4:
+            # A convolutional feature map [num_images, channels, height, width] becomes a sequence.
+            features = features.flatten(2).transpose(1, 2)
+        elif drop_cls_token:
+            features = features[:, 1:]
+        selected.append(features)
+    return torch.cat(selected, dim=-1)
+
+
+def image_token_mask(input_ids: torch.LongTensor, image_token_id: int) -> torch.BoolTensor:
+    if image_token_id is None:
+        raise ValueError(
+            "The config has image_token_id=None, so no position can receive image features; set "
+            "`config.image_token_id` to the tokenizer's id for the image token."
+        )
+    return input_ids == image_token_id
+
+
+def scatter_image_features(
+    inputs_embeds: torch.FloatTensor,
+    placeholder_mask: torch.BoolTensor,
+    image_features: torch.FloatTensor,
+) -> torch.FloatTensor:
+    """Write image features, in order, into the placeholder positions of `inputs_embeds`.
+
+    Args:
+        inputs_embeds: `[batch_size, seq_len, hidden_size]`.
+        placeholder_mask: `[batch_size, seq_len]`, True at image placeholder positions.
+        image_features: `[num_images, num_image_tokens, hidden_size]`.
+
+    Raises:
+        ValueError: when the number of placeholders and of image features differ.
+    """
+    num_placeholders = int(placeholder_mask.sum())
+    num_features = image_features.shape[0] * image_features.shape[1]
+    if num_placeholders != num_features:
+        num_image_tokens = image_features.shape[1]
+        raise ValueError(
+            f"Image features and image tokens do not match: tokens: {num_placeholders}, features: {num_features} "
+            f"({image_features.shape[0]} images of {num_image_tokens} tokens each). Let the processor expand "
+            "each image placeholder, and pass exactly one image per placeholder."
+        )
+    flat_features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+    mask = placeholder_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+    return inputs_embeds.masked_scatter(mask, flat_features)
+
+
+def apply_final_logit_transforms(logits: torch.Tensor, text_config) -> torch.Tensor:
+    """Apply the LM's own output scaling (Cohere's `logit_scale`, Gemma 2's soft-capping)."""
+    logit_scale = getattr(text_config, "logit_scale", None)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def mask_ignored_labels(labels, input_ids, attention_mask, image_token_id):
+    """Return labels with image-token and padding positions set to -100."""
+    labels = labels.clone()
+    if input_ids is not None and image_token_id is not None:
+        labels[input_ids == image_token_id] = -100
+    if attention_mask is not None and attention_mask.dim() == 2:
+        labels[attention_mask == 0] = -100
+    return labels
+
+
+__all__ = [
+    "CACHE_FIELD",
+    "MmfusePreTrainedModel",
+    "MmfuseCausalLMOutputWithPast",
+    "MmfuseModelOutputWithPast",
+    "apply_final_logit_transforms",
+    "cache_argument_name",
+    "cache_from_kwargs",
+    "has_cached_tokens",
+    "image_token_mask",
+    "mask_ignored_labels",
+    "output_cache",
+    "scatter_image_features",
+    "select_vision_features",
+    "tied_weights_keys",
+]

@@ -1,0 +1,35 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny import build_tokenizer, text_config, vision_config  # noqa: E402
+from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def config_from_dict(values: dict):
+    values = dict(values)
+    return CONFIG_MAPPING[values.pop("model_type")](**values)
+
+
+@pytest.fixture
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def tiny_projection(tokenizer):
+    """A composed tiny projection model (CLIP tower, Llama LM) and its processor, in eval mode."""
+    from mmfuse.compose import compose_projection
+
+    torch.manual_seed(0)
+    vision_model = AutoModel.from_config(config_from_dict(vision_config()))
+    language_model = AutoModelForCausalLM.from_config(config_from_dict(text_config(vocab_size=len(tokenizer))))
+    model, processor = compose_projection(vision_model, language_model, tokenizer)
+    return model.eval(), processor
