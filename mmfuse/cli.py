@@ -1,0 +1,43 @@
+"""The `mmfuse` command line."""
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Each command lives in its own module, imported only when it runs, so `mmfuse --help` stays fast.
+# A module defines `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS = {
+    "convert": ("mmfuse.conversion.convert", "Convert a checkpoint of another implementation into an mmfuse folder."),
+}
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmfuse", description="Compose, convert, train and publish mmfuse models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args) or 0
+    except CommandError as error:
+        print(f"mmfuse {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

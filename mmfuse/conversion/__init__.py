@@ -1,0 +1,1 @@
+"""Command-line tools that build mmfuse folders: compose, convert and push."""

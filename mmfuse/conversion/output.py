@@ -1,0 +1,34 @@
+"""Writing model folders all at once: a failed command leaves no partial output behind."""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+from ..cli import CommandError
+
+
+def check_output_dir(output: str, overwrite: bool) -> None:
+    """Reject an existing output folder unless `overwrite` is set."""
+    if os.path.exists(output) and not overwrite:
+        raise CommandError(f"output folder {output} already exists; pass --overwrite to replace it.")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: str, overwrite: bool = False):
+    """Yield a temporary folder beside `output` and rename it to `output` only on success.
+
+    On any exception the temporary folder is removed and `output` is left as it was.
+    """
+    check_output_dir(output, overwrite)
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.", dir=parent)
+    try:
+        yield staging
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
