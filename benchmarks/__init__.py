@@ -1,0 +1,1 @@
+"""Speed and memory of the mmfuse fusion types, as ratios against reference implementations."""

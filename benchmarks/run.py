@@ -1,0 +1,74 @@
+"""Run the benchmarks and write JSON, markdown and PNG results.
+
+python -m benchmarks.run                 # default sizes, about 10 minutes on 2 CPU cores
+python -m benchmarks.run --tiny          # tiny models, a smoke test of the runner
+"""
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from .measure import machine_description
+
+# Section name -> module with `run(settings) -> dict` and `markdown(results) -> str`.
+SECTIONS = {
+    "projection": "benchmarks.projection",
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="Use tiny models: checks the runner, not the speed.")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="Measured repetitions per figure (default 5, tiny 2)."
+    )
+    parser.add_argument("--new-tokens", type=int, default=None, help="Tokens per generate call (default 64, tiny 8).")
+    parser.add_argument(
+        "--output", default="benchmarks/results", help="Folder for results.json, results.md and plots."
+    )
+    parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="Run only these sections.")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.tiny else 5
+    if args.new_tokens is None:
+        args.new_tokens = 8 if args.tiny else 64
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.output, exist_ok=True)
+    torch.manual_seed(0)
+    report = {
+        "machine": machine_description(),
+        "python": platform.python_version(),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {"tiny": args.tiny, "repeats": args.repeats, "new_tokens": args.new_tokens},
+        "sections": {},
+    }
+    markdown = [f"Machine: {report['machine']}. Command: `{report['command'].strip()}`.", ""]
+    for name in args.only or SECTIONS:
+        module = importlib.import_module(SECTIONS[name])
+        started = time.perf_counter()
+        results = module.run(args, output_dir=args.output)
+        results["seconds"] = time.perf_counter() - started
+        report["sections"][name] = results
+        markdown.append(module.markdown(results))
+        print(f"{name}: done in {results['seconds']:.0f} s", flush=True)
+
+    with open(os.path.join(args.output, "results.json"), "w") as file:
+        json.dump(report, file, indent=2)
+    with open(os.path.join(args.output, "results.md"), "w") as file:
+        file.write("\n".join(markdown) + "\n")
+    print(f"wrote {args.output}/results.json and results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
