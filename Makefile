@@ -16,8 +16,8 @@ setup: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
 
 lint: setup
-	$(BIN)/ruff check mmfuse tests
-	$(BIN)/ruff format --check mmfuse tests
+	$(BIN)/ruff check mmfuse tests benchmarks
+	$(BIN)/ruff format --check mmfuse tests benchmarks
 
 test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
