@@ -10,7 +10,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import __version__ as transformers_version
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
@@ -79,6 +79,35 @@ class MmfusePreTrainedModel(PreTrainedModel):
                     r"^(model\.)?vision_tower\.(?!vision_model\.)": r"\1vision_tower.vision_model.",
                 }
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save the model; a model registered for Hub-code export also ships its Auto classes and pipeline.
+
+        Beyond what transformers writes, config.json gets `auto_map` entries for `AutoModel` (the
+        base model) and `AutoModelForImageTextToText` (a generating head), and `custom_pipelines`
+        names the `image-to-text` pipeline, whose file is copied next to the model code.
+        """
+        if self._auto_class is not None:
+            self._add_hub_code_entries()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _add_hub_code_entries(self) -> None:
+        # The import sits here so that loading a model does not import transformers' pipelines. The Hub-code
+        # export follows every `from .x import` line, also inside functions, so it copies the pipeline file.
+        from .pipeline_image_to_text import IMAGE_TO_TEXT_PIPELINE_INFO, IMAGE_TO_TEXT_TASK
+
+        def class_reference(model_class) -> str:
+            return f"{model_class.__module__.split('.')[-1]}.{model_class.__name__}"
+
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModel"] = class_reference(type(self.base_model))
+        if isinstance(self, GenerationMixin):
+            auto_map["AutoModelForImageTextToText"] = class_reference(type(self))
+        self.config.auto_map = auto_map
+
+        custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
+        custom_pipelines[IMAGE_TO_TEXT_TASK] = dict(IMAGE_TO_TEXT_PIPELINE_INFO)
+        self.config.custom_pipelines = custom_pipelines
 
 
 def cache_from_kwargs(past_key_values, cache, kwargs: dict):
