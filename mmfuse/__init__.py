@@ -7,14 +7,16 @@ mmfuse installed, with `trust_remote_code=True`.
 """
 
 from .configuration_projection import MmfuseProjectionConfig
+from .configuration_vqgan import MmfuseVQGANConfig
 from .modeling_projection import (
     MmfuseProjectionForConditionalGeneration,
     MmfuseProjectionModel,
     MmfuseProjectionPreTrainedModel,
 )
+from .modeling_vqgan import MmfuseVQGANModel
 from .processing_common import MmfuseImageProcessor
 from .processing_projection import MmfuseProjectionProcessor
-from .registration import register_fusion_type
+from .registration import register_fusion_type, register_model_type
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,7 @@ register_fusion_type(
     generation_model_class=MmfuseProjectionForConditionalGeneration,
     processor_class=MmfuseProjectionProcessor,
 )
+register_model_type(MmfuseVQGANConfig, MmfuseVQGANModel)
 
 __all__ = [
     "MmfuseImageProcessor",
@@ -32,5 +35,8 @@ __all__ = [
     "MmfuseProjectionModel",
     "MmfuseProjectionPreTrainedModel",
     "MmfuseProjectionProcessor",
+    "MmfuseVQGANConfig",
+    "MmfuseVQGANModel",
     "register_fusion_type",
+    "register_model_type",
 ]
