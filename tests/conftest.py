@@ -33,3 +33,24 @@ def tiny_projection(tokenizer):
     language_model = AutoModelForCausalLM.from_config(config_from_dict(text_config(vocab_size=len(tokenizer))))
     model, processor = compose_projection(vision_model, language_model, tokenizer)
     return model.eval(), processor
+
+
+@pytest.fixture
+def make_projection(tokenizer):
+    """Return a builder of composed tiny projection models: `make(vision=..., text=..., **config_kwargs)`.
+
+    `vision` and `text` are config dicts from tests/tiny.py; the model comes back in eval mode
+    with its processor, built from fixed seeds so two calls give the same weights.
+    """
+    from mmfuse.compose import compose_projection
+
+    def make(vision: dict | None = None, text: dict | None = None, seed: int = 0, **config_kwargs):
+        torch.manual_seed(seed)
+        vision_model = AutoModel.from_config(config_from_dict(vision or vision_config()))
+        language_model = AutoModelForCausalLM.from_config(
+            config_from_dict(text or text_config(vocab_size=len(tokenizer)))
+        )
+        model, processor = compose_projection(vision_model, language_model, build_tokenizer(), **config_kwargs)
+        return model.eval(), processor
+
+    return make
