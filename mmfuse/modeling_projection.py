@@ -116,23 +116,40 @@ class MmfuseProjectionModel(MmfuseProjectionPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """Encode and project images.
+    def get_vision_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Run the vision tower and return the projector's input.
 
         Args:
             pixel_values: `[num_images, num_channels, height, width]`.
 
         Returns:
-            `[num_images, num_image_tokens, hidden_size]` in the projector's dtype.
+            `[num_images, num_patches, vision_feature_size]`. With a frozen vision tower these can be
+            computed once per image and passed to `forward` as `vision_features`.
         """
         drop_cls_token = self.config.vision_feature_select_strategy == "default" and vision_has_cls_token(
             self.config.vision_config
         )
-        image_features = select_vision_features(
+        return select_vision_features(
             self.vision_tower, pixel_values, self.config.vision_feature_layer, drop_cls_token
         )
+
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor | None = None, vision_features: torch.FloatTensor | None = None
+    ) -> torch.FloatTensor:
+        """Encode and project images, or project precomputed vision features.
+
+        Args:
+            pixel_values: `[num_images, num_channels, height, width]`.
+            vision_features: `[num_images, num_patches, vision_feature_size]` from `get_vision_features`;
+                when given, the vision tower does not run.
+
+        Returns:
+            `[num_images, num_image_tokens, hidden_size]` in the projector's dtype.
+        """
+        if vision_features is None:
+            vision_features = self.get_vision_features(pixel_values)
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
-        return self.multi_modal_projector(image_features.to(projector_dtype))
+        return self.multi_modal_projector(vision_features.to(projector_dtype))
 
     def forward(
         self,
@@ -144,6 +161,7 @@ class MmfuseProjectionModel(MmfuseProjectionPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         cache=None,
+        vision_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> MmfuseModelOutputWithPast:
         """
@@ -152,6 +170,8 @@ class MmfuseProjectionModel(MmfuseProjectionPreTrainedModel):
             pixel_values: `[num_images, num_channels, height, width]`, images in the order of their
                 placeholders, row by row.
             attention_mask: `[batch_size, seq_len]`, 0 at padding.
+            vision_features: `[num_images, num_patches, vision_feature_size]`, precomputed vision tower
+                output (`get_vision_features`) used instead of `pixel_values`.
         """
         cache = cache_from_kwargs(past_key_values, cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
@@ -160,12 +180,15 @@ class MmfuseProjectionModel(MmfuseProjectionPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
-        if pixel_values is not None:
+        if pixel_values is not None and vision_features is not None:
+            raise ValueError("Pass either `pixel_values` or precomputed `vision_features`, not both.")
+        images = pixel_values if vision_features is None else vision_features
+        if images is not None:
             if input_ids is None:
-                raise ValueError("`pixel_values` need `input_ids` to locate the image tokens; pass `input_ids`.")
+                raise ValueError("Images need `input_ids` to locate the image tokens; pass `input_ids`.")
             placeholder_mask = image_token_mask(input_ids, self.config.image_token_id)
             # Check the counts before the vision tower runs, so a bad batch fails fast.
-            num_images = pixel_values.shape[0]
+            num_images = images.shape[0]
             num_placeholders = int(placeholder_mask.sum())
             if num_placeholders != num_images * self.config.num_image_tokens:
                 raise ValueError(
@@ -174,7 +197,7 @@ class MmfuseProjectionModel(MmfuseProjectionPreTrainedModel):
                     f"{self.config.num_image_tokens} tokens each). Give one image per `{self.config.image_token}` "
                     "and let the processor expand the placeholders."
                 )
-            image_features = self.get_image_features(pixel_values)
+            image_features = self.get_image_features(pixel_values, vision_features)
             inputs_embeds = scatter_image_features(inputs_embeds, placeholder_mask, image_features)
         elif input_ids is not None and self.config.image_token_id is not None and cache is None:
             num_placeholders = int((input_ids == self.config.image_token_id).sum())
@@ -227,9 +250,15 @@ class MmfuseProjectionForConditionalGeneration(MmfuseProjectionPreTrainedModel, 
     def get_decoder(self):
         return self.model.language_model
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+    def get_vision_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Return the projector's input `[num_images, num_patches, vision_feature_size]` for `pixel_values`."""
+        return self.model.get_vision_features(pixel_values)
+
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor | None = None, vision_features: torch.FloatTensor | None = None
+    ) -> torch.FloatTensor:
         """Return projected features `[num_images, num_image_tokens, hidden_size]` for `pixel_values`."""
-        return self.model.get_image_features(pixel_values)
+        return self.model.get_image_features(pixel_values, vision_features)
 
     @property
     def vision_tower(self):
@@ -255,12 +284,15 @@ class MmfuseProjectionForConditionalGeneration(MmfuseProjectionPreTrainedModel, 
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
+        vision_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> MmfuseCausalLMOutputWithPast:
         """
         Args:
             input_ids: `[batch_size, seq_len]`.
             pixel_values: `[num_images, num_channels, height, width]`.
+            vision_features: `[num_images, num_patches, vision_feature_size]`, precomputed vision tower
+                output used instead of `pixel_values` (see `get_vision_features`).
             labels: `[batch_size, seq_len]`; positions of image tokens, of padding (attention mask 0)
                 and with value -100 do not count in the loss.
 
@@ -276,6 +308,7 @@ class MmfuseProjectionForConditionalGeneration(MmfuseProjectionPreTrainedModel, 
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             cache=cache,
+            vision_features=vision_features,
             **kwargs,
         )
 
@@ -301,12 +334,13 @@ class MmfuseProjectionForConditionalGeneration(MmfuseProjectionPreTrainedModel, 
             **{CACHE_FIELD: output_cache(outputs)},
         )
 
-    def prepare_inputs_for_generation(self, *args, pixel_values=None, **kwargs):
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, vision_features=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         # Images enter the prefill step only; later steps read them from the KV cache.
         cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
         if not has_cached_tokens(cache):
             model_inputs["pixel_values"] = pixel_values
+            model_inputs["vision_features"] = vision_features
         return model_inputs
 
 

@@ -1,0 +1,1 @@
+"""Training, datasets and evaluation of mmfuse models."""
