@@ -9,6 +9,8 @@ import sys
 # A module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
     "convert": ("mmfuse.conversion.convert", "Convert a checkpoint of another implementation into an mmfuse folder."),
+    "compose": ("mmfuse.conversion.compose_command", "Compose a new model from a pretrained vision tower and LM."),
+    "push": ("mmfuse.conversion.push", "Upload an mmfuse folder to the Hugging Face Hub."),
 }
 
 

@@ -20,9 +20,18 @@ def add_arguments(parser):
             default=1e-4,
             help="Largest allowed logit difference (fp32) in the parity check.",
         )
+        subparser.add_argument(
+            "--push-to-hub", metavar="NAME", default=None, help="Also upload the written folder to this Hub repository."
+        )
         module.add_arguments(subparser)
         subparser.set_defaults(convert=module.run)
 
 
 def run(args) -> int:
-    return args.convert(args)
+    status = args.convert(args)
+    if not status and args.push_to_hub:
+        from .push import push_to_hub
+
+        commit = push_to_hub(args.output, args.push_to_hub)
+        print(f"Pushed {args.output} to {args.push_to_hub}: {commit.commit_url}")
+    return status
