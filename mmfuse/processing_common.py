@@ -354,7 +354,15 @@ class MmfuseProcessorMixin(ProcessorMixin):
         outputs = super().save_pretrained(save_directory, *args, **kwargs)
         # 4.x reads the image processor from its own file; 5.x nests it in processor_config.json.
         self.image_processor.save_pretrained(save_directory)
-        make_tokenizer_config_portable(os.path.join(save_directory, "tokenizer_config.json"))
+        # transformers saves the padding and truncation sides only when they were constructor
+        # arguments, and a processor for generation must keep left padding after loading.
+        make_tokenizer_config_portable(
+            os.path.join(save_directory, "tokenizer_config.json"),
+            settings={
+                "padding_side": self.tokenizer.padding_side,
+                "truncation_side": self.tokenizer.truncation_side,
+            },
+        )
         return outputs
 
     def batch_decode(self, *args, **kwargs):
@@ -371,18 +379,19 @@ class MmfuseProcessorMixin(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-def make_tokenizer_config_portable(path: str) -> None:
+def make_tokenizer_config_portable(path: str, settings: dict | None = None) -> None:
     """Rewrite a tokenizer_config.json written by transformers 5.x into a form 4.57 reads too.
 
     5.x writes `"tokenizer_class": "TokenizersBackend"`, a class 4.57 lacks, and stores
     `extra_special_tokens` as a list where 4.57 expects a dict. `PreTrainedTokenizerFast`
     names the same fast tokenizer in both versions, and the special tokens stay marked in
-    tokenizer.json.
+    tokenizer.json. `settings` are tokenizer constructor arguments written into the file.
     """
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as file:
         config = json.load(file)
+    config.update(settings or {})
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     if isinstance(config.get("extra_special_tokens"), list):
