@@ -6,14 +6,17 @@ name of the KV cache argument (`past_key_values` in 4.x, `cache` in 5.x) and the
 `_tied_weights_keys` (a list in 4.x, a target-to-source dict in 5.x).
 """
 
+import copy
 import inspect
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import __version__ as transformers_version
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.utils import cached_file, logging
 
 logger = logging.get_logger(__name__)
 
@@ -26,6 +29,20 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 # Vision towers that transformers 4.x nests one level deeper (`vision_tower.vision_model.*`) than
 # 5.x saves them (`vision_tower.*`).
 NESTED_VISION_MODEL_TOWERS = frozenset({"clip_vision_model", "siglip_vision_model", "siglip2_vision_model"})
+
+# The `image-to-text` pipeline that `save_pretrained` copies into every model folder, and its
+# `custom_pipelines` entry in config.json, in the format `Pipeline.save_pretrained` writes:
+# `impl` is `<module>.<class>` inside the folder and `pt` names transformers' Auto classes.
+IMAGE_TO_TEXT_TASK = "image-to-text"
+IMAGE_TO_TEXT_PIPELINE_FILE = "pipeline_image_to_text.py"
+IMAGE_TO_TEXT_PIPELINES = {
+    IMAGE_TO_TEXT_TASK: {
+        "impl": "pipeline_image_to_text.MmfuseImageToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "tf": [],
+        "type": "multimodal",
+    }
+}
 
 
 @dataclass
@@ -87,15 +104,30 @@ class MmfusePreTrainedModel(PreTrainedModel):
         base model) and `AutoModelForImageTextToText` (a generating head), and `custom_pipelines`
         names the `image-to-text` pipeline, whose file is copied next to the model code.
         """
+        pipeline_file = None
         if self._auto_class is not None:
-            self._add_hub_code_entries()
-        return super().save_pretrained(save_directory, *args, **kwargs)
+            self._add_auto_map_entries()
+            pipeline_file = self._find_pipeline_file()
+            custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
+            if pipeline_file is not None:
+                # A copy, because `pipeline()` rewrites the entry it reads in place.
+                custom_pipelines.update(copy.deepcopy(IMAGE_TO_TEXT_PIPELINES))
+            elif custom_pipelines.pop(IMAGE_TO_TEXT_TASK, None) is not None:
+                logger.warning(
+                    f"{IMAGE_TO_TEXT_PIPELINE_FILE} was found neither beside the model code nor in "
+                    f"{self.name_or_path!r}, so the folder is saved without the image-to-text pipeline; copy the "
+                    "file into the folder and add `custom_pipelines` to config.json to restore it."
+                )
+            self.config.custom_pipelines = custom_pipelines
 
-    def _add_hub_code_entries(self) -> None:
-        # The import sits here so that loading a model does not import transformers' pipelines. The Hub-code
-        # export follows every `from .x import` line, also inside functions, so it copies the pipeline file.
-        from .pipeline_image_to_text import IMAGE_TO_TEXT_PIPELINE_INFO, IMAGE_TO_TEXT_TASK
+        outputs = super().save_pretrained(save_directory, *args, **kwargs)
+        if pipeline_file is not None and kwargs.get("is_main_process", True):
+            target = os.path.join(save_directory, IMAGE_TO_TEXT_PIPELINE_FILE)
+            if not os.path.exists(target) or not os.path.samefile(pipeline_file, target):
+                shutil.copyfile(pipeline_file, target)
+        return outputs
 
+    def _add_auto_map_entries(self) -> None:
         def class_reference(model_class) -> str:
             return f"{model_class.__module__.split('.')[-1]}.{model_class.__name__}"
 
@@ -105,9 +137,22 @@ class MmfusePreTrainedModel(PreTrainedModel):
             auto_map["AutoModelForImageTextToText"] = class_reference(type(self))
         self.config.auto_map = auto_map
 
-        custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
-        custom_pipelines[IMAGE_TO_TEXT_TASK] = dict(IMAGE_TO_TEXT_PIPELINE_INFO)
-        self.config.custom_pipelines = custom_pipelines
+    def _find_pipeline_file(self) -> str | None:
+        """Return the path of the pipeline file: beside this module, or in the folder the model came from."""
+        # NOTE: the pipeline file is deliberately not imported from here. transformers 4.57 copies only the
+        # direct relative imports of a local model file into its module cache, and then fails to open any
+        # file that a copied file imports in turn.
+        beside_code = os.path.join(os.path.dirname(os.path.abspath(__file__)), IMAGE_TO_TEXT_PIPELINE_FILE)
+        if os.path.isfile(beside_code):
+            return beside_code
+        if self.name_or_path:
+            try:
+                return cached_file(
+                    self.name_or_path, IMAGE_TO_TEXT_PIPELINE_FILE, _raise_exceptions_for_missing_entries=False
+                )
+            except OSError:
+                return None
+        return None
 
 
 def cache_from_kwargs(past_key_values, cache, kwargs: dict):

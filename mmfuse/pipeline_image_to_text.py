@@ -16,16 +16,6 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# The `custom_pipelines` entry of config.json, in the format `Pipeline.save_pretrained` writes:
-# `impl` is `<module>.<class>` inside the model folder, `pt` names transformers' Auto classes.
-IMAGE_TO_TEXT_TASK = "image-to-text"
-IMAGE_TO_TEXT_PIPELINE_INFO = {
-    "impl": "pipeline_image_to_text.MmfuseImageToTextPipeline",
-    "pt": ["AutoModelForImageTextToText"],
-    "tf": [],
-    "type": "multimodal",
-}
-
 
 class MmfuseImageToTextPipeline(Pipeline):
     """Caption images, optionally conditioned on a text prompt, with any mmfuse model.
@@ -138,4 +128,4 @@ class MmfuseImageToTextPipeline(Pipeline):
         return [{"generated_text": text} for text in texts]
 
 
-__all__ = ["IMAGE_TO_TEXT_PIPELINE_INFO", "IMAGE_TO_TEXT_TASK", "MmfuseImageToTextPipeline"]
+__all__ = ["MmfuseImageToTextPipeline"]

@@ -54,3 +54,15 @@ def make_projection(tokenizer):
         return model.eval(), processor
 
     return make
+
+
+@pytest.fixture(params=["installed", "compat"])
+def hub_python(request):
+    """Python of each transformers version the Hub code supports: this environment's and 4.57's.
+
+    The 4.57 environment comes from `MMFUSE_COMPAT_PYTHON`; without it the test is skipped, or
+    fails under `CI=true`.
+    """
+    from subprocess_helpers import compat_python
+
+    return sys.executable if request.param == "installed" else compat_python()
