@@ -3,7 +3,10 @@
 import importlib
 
 # Source format -> module that defines `add_arguments(parser)` and `run(args)`.
-CONVERTERS = {}
+CONVERTERS = {
+    "llava": "mmfuse.conversion.llava",
+    "llava-original": "mmfuse.conversion.llava_original",
+}
 
 
 def add_arguments(parser):
