@@ -33,6 +33,16 @@ from .modeling_common import (
 logger = logging.get_logger(__name__)
 
 
+def repeat_images_per_prompt(images: torch.Tensor, images_per_prompt: list, expand_size: int) -> torch.Tensor:
+    """Repeat each prompt's block of images `expand_size` times, keeping the images' order.
+
+    `images` is `[num_images, ...]` with the images of all prompts in reading order; the result is
+    `[num_images * expand_size, ...]` and matches input ids repeated with `repeat_interleave`.
+    """
+    blocks = images.split(images_per_prompt, dim=0)
+    return torch.cat([block.repeat(expand_size, *([1] * (block.dim() - 1))) for block in blocks], dim=0)
+
+
 class MmfuseProjector(nn.Module):
     """Map vision features to the LM's embedding width, optionally merging neighbouring patches.
 
@@ -342,6 +352,28 @@ class MmfuseProjectionForConditionalGeneration(MmfuseProjectionPreTrainedModel, 
             model_inputs["pixel_values"] = pixel_values
             model_inputs["vision_features"] = vision_features
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beam search and `num_return_sequences` repeat every tensor along dim 0 as if it held one
+        # row per prompt, but images are stacked one per placeholder: a prompt with two images would
+        # hand its copies [a, a, b, b] instead of [a, b, a, b]. Repeat each prompt's images as a block.
+        images = {key: model_kwargs.pop(key, None) for key in ("pixel_values", "vision_features")}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        for key, value in images.items():
+            if value is not None and expand_size > 1 and input_ids is not None:
+                counts = self.images_per_prompt(input_ids)
+                # On a count mismatch the images stay as they are and `forward` reports both counts.
+                if sum(counts) == value.shape[0]:
+                    value = repeat_images_per_prompt(value, counts, expand_size)
+            model_kwargs[key] = value
+        return expanded_ids, model_kwargs
+
+    def images_per_prompt(self, input_ids: torch.LongTensor) -> list:
+        """Return the number of images each row of `input_ids` `[batch_size, seq_len]` holds."""
+        counts = (input_ids == self.config.image_token_id).sum(dim=1) // self.config.num_image_tokens
+        return counts.tolist()
 
 
 __all__ = [

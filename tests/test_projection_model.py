@@ -2,21 +2,13 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from tiny import text_config, vision_config
-from transformers import AutoModelForCausalLM
+from tiny import plain_language_model, random_image, text_config, vision_config
 
 from mmfuse import MmfuseProjectionConfig, MmfuseProjectionForConditionalGeneration
 
 PROMPT = "<image>What is in the picture?"
-
-
-def random_image(width=64, height=48, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
 def tiny_config(**kwargs) -> MmfuseProjectionConfig:
@@ -24,14 +16,6 @@ def tiny_config(**kwargs) -> MmfuseProjectionConfig:
     kwargs.setdefault("text_config", text_config())
     kwargs.setdefault("image_token_id", 300)
     return MmfuseProjectionConfig(**kwargs)
-
-
-def plain_language_model(model) -> torch.nn.Module:
-    """Build the LM alone with the VLM's LM weights, as transformers' own causal LM class."""
-    language_model = AutoModelForCausalLM.from_config(model.config.text_config)
-    language_model.get_decoder().load_state_dict(model.language_model.state_dict())
-    language_model.get_output_embeddings().load_state_dict(model.lm_head.state_dict())
-    return language_model.eval()
 
 
 def spy_on(module: torch.nn.Module) -> list:

@@ -89,3 +89,22 @@ def text_config(model_type: str = "llama", vocab_size: int = 320, tie_word_embed
         "pad_token_id": 3,
     }
     return config
+
+
+def random_image(seed: int = 0, width: int = 64, height: int = 48):
+    """Return a PIL RGB image of uniform random noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def plain_language_model(model):
+    """Build transformers' own causal LM class with the LM and head weights of an mmfuse model."""
+    from transformers import AutoModelForCausalLM
+
+    language_model = AutoModelForCausalLM.from_config(model.config.text_config)
+    language_model.get_decoder().load_state_dict(model.language_model.state_dict())
+    language_model.get_output_embeddings().load_state_dict(model.lm_head.state_dict())
+    return language_model.eval()
