@@ -6,9 +6,12 @@ import logging
 import sys
 
 # Each command lives in its own module, imported only when it runs, so `mmfuse --help` stays fast.
-# A module defines `add_arguments(parser)` and `run(args) -> int`.
+# A module defines `add_arguments(parser)` and `run(args) -> int`; "module:Name" names an object in
+# the module that defines them, for modules that hold several commands.
 COMMANDS = {
     "convert": ("mmfuse.conversion.convert", "Convert a checkpoint of another implementation into an mmfuse folder."),
+    "train": ("mmfuse.training.commands:TrainCommand", "Train a model on easy-VQA, Fashion-MNIST or your own data."),
+    "evaluate": ("mmfuse.training.commands:EvaluateCommand", "Measure answer accuracy by greedy generation."),
     "compose": ("mmfuse.conversion.compose_command", "Compose a new model from a pretrained vision tower and LM."),
     "push": ("mmfuse.conversion.push", "Upload an mmfuse folder to the Hugging Face Hub."),
 }
@@ -24,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        module_name, _, attribute = module_name.partition(":")
         module = importlib.import_module(module_name)
+        if attribute:
+            module = getattr(module, attribute)
         module.add_arguments(subparser)
         subparser.set_defaults(run=module.run)
     return parser
