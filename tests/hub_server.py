@@ -44,6 +44,7 @@ class Repo:
     private: bool
     branches: dict = field(default_factory=dict)  # name -> list[Commit], newest last
     pull_requests: list = field(default_factory=list)  # branch names "refs/pr/N"
+    lfs_oids: set = field(default_factory=set)  # LFS objects uploaded to this repository
 
     def head(self, revision: str) -> Commit | None:
         if revision in self.branches:
@@ -87,6 +88,7 @@ REPO = r"(?P<repo>[^/]+/[^/]+)"
 ROUTES = [
     ("GET", r"/api/whoami-v2", "whoami"),
     ("POST", r"/api/repos/create", "create_repo"),
+    ("POST", r"/api/validate-yaml", "validate_yaml"),
     ("POST", rf"/api/models/{REPO}/preupload/(?P<revision>[^/]+)", "preupload"),
     ("POST", rf"/api/models/{REPO}/commit/(?P<revision>[^/]+)", "commit"),
     ("POST", rf"/api/models/{REPO}/branch/(?P<branch>.+)", "create_branch"),
@@ -95,7 +97,7 @@ ROUTES = [
     ("GET", rf"/api/models/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.*))?", "tree"),
     ("GET", rf"/api/models/{REPO}", "repo_info"),
     ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", "lfs_batch"),
-    ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", "lfs_upload"),
+    ("PUT", rf"/lfs-upload/{REPO}/(?P<oid>[0-9a-f]{{64}})", "lfs_upload"),
     ("GET", rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", "resolve"),
     ("HEAD", rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", "resolve"),
 ]
@@ -190,6 +192,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             {"type": "user", "name": USER_NAME, "orgs": [], "auth": {"type": "access_token", "accessToken": {}}}
         )
 
+    def validate_yaml(self):
+        self.send_json({"errors": [], "warnings": []})
+
     def create_repo(self):
         payload = json.loads(self.body)
         repo_id = f"{payload.get('organization') or USER_NAME}/{payload['name']}"
@@ -229,18 +234,23 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self.send_json({"files": files, "commitOid": None})
 
     def lfs_batch(self, repo):
-        if self.find_repo(repo) is None:
+        found = self.find_repo(repo)
+        if found is None:
             return
         objects = []
         for entry in json.loads(self.body)["objects"]:
             item = {"oid": entry["oid"], "size": entry["size"], "authenticated": True}
-            if entry["oid"] not in self.server.state.lfs_objects:
-                item["actions"] = {"upload": {"href": f"{self.endpoint()}/lfs-upload/{entry['oid']}", "header": {}}}
+            if entry["oid"] not in found.lfs_oids:
+                href = f"{self.endpoint()}/lfs-upload/{repo}/{entry['oid']}"
+                item["actions"] = {"upload": {"href": href, "header": {}}}
             objects.append(item)
         self.send_json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
 
-    def lfs_upload(self, oid):
+    def lfs_upload(self, repo, oid):
         state = self.server.state
+        found = self.find_repo(repo)
+        if found is None:
+            return
         if state.should_fail("lfs_upload"):
             # 507 is outside the client's retry list, so the failure reaches the caller at once.
             self.send_json({"error": "Insufficient storage (injected failure)"}, 507)
@@ -249,6 +259,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.send_json({"error": "sha256 of the uploaded content does not match the oid"}, 400)
             return
         state.lfs_objects[oid] = self.body
+        found.lfs_oids.add(oid)
         self.send_json({})
 
     def commit(self, repo, revision):
@@ -271,7 +282,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             if line["key"] == "file":
                 files[value["path"]] = StoredFile(content=base64.b64decode(value["content"]))
             elif line["key"] == "lfsFile":
-                if value["oid"] not in state.lfs_objects:
+                if value["oid"] not in found.lfs_oids:
                     self.send_json({"error": f"LFS object {value['oid']} of {value['path']} was never uploaded"}, 422)
                     return
                 files[value["path"]] = StoredFile(lfs_oid=value["oid"])
