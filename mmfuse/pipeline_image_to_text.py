@@ -1,7 +1,7 @@
 """The `image-to-text` pipeline that mmfuse ships inside every saved model folder.
 
-transformers 5.0-5.18 has no `image-to-text` task, and 5.25 redirects it to `image-text-to-text`,
-which rejects an image without text. `save_pretrained` of an mmfuse model therefore copies this
+transformers 5 dropped the `image-to-text` task: 5.25 redirects it to `image-text-to-text`, which
+rejects an image without text. `save_pretrained` of an mmfuse model therefore copies this
 file into the folder and names it under `custom_pipelines` in config.json, so that
 `pipeline("image-to-text", model=DIR, trust_remote_code=True)` builds this class on transformers
 4.57 and 5.x alike.
