@@ -264,7 +264,6 @@ def test_training_with_and_without_checkpointing(tokenizer, model_type):
     for checkpointing in (False, True):
         model, processor, _ = compose(tokenizer, model_type)
         open_gates(model)
-        model.config.text_config.dropout = 0.0
         inputs = processor(
             text="<image> A red circle. <image> A blue square.",
             images=[random_image(0), random_image(1)],
