@@ -80,7 +80,7 @@ def compose_projection(
     )
     model = MmfuseProjectionForConditionalGeneration(config)
     load_part(model.model.vision_tower, vision_model, "vision tower")
-    load_part(model.model.language_model, language_model.get_decoder(), "language model")
+    load_part(model.model.language_model, language_model.base_model, "language model")
     model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
     resize_vocabulary(model, tokenizer)
     model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
@@ -147,7 +147,7 @@ def compose_vq(
     )
     model = MmfuseVQForConditionalGeneration(config)
     load_part(model.model.vqmodel, vqgan_model, "image tokenizer")
-    load_part(model.model.language_model, language_model.get_decoder(), "language model")
+    load_part(model.model.language_model, language_model.base_model, "language model")
     model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
     model.resize_token_embeddings(image_token_offset + config.codebook_size, mean_resizing=True)
     model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
@@ -212,7 +212,7 @@ def compose_cross_attention(
     )
     model = MmfuseCrossAttentionForConditionalGeneration(config)
     load_part(model.model.vision_tower, vision_model, "vision tower")
-    load_decoder_with_gated_layers(model.model.language_model, language_model.get_decoder())
+    load_decoder_with_gated_layers(model.model.language_model, language_model.base_model)
     model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
     resize_vocabulary(model, tokenizer)
     model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
