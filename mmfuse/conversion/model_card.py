@@ -16,11 +16,15 @@ class SourceInfo:
 
 
 def combined_license(sources: list) -> str:
-    """Return the card's `license` field: the sources' common licence, `other` if they differ, else `unknown`."""
-    licenses = {source.license.lower() for source in sources if source.license}
-    if len(licenses) == 1:
-        return licenses.pop()
-    return "other" if licenses else "unknown"
+    """Return the card's `license` field: the sources' common licence, `other` if they differ.
+
+    It is `unknown` when any source has no recorded licence, because the composed weights are
+    bound by every part's terms.
+    """
+    if not sources or any(not source.license for source in sources):
+        return "unknown"
+    licenses = {source.license.lower() for source in sources}
+    return licenses.pop() if len(licenses) == 1 else "other"
 
 
 def tokens_per_image(config: PretrainedConfig) -> int | None:
