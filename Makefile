@@ -4,8 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; a bare `torch` requirement would pull a CUDA build of several GB.
 TORCH_SPEC ?= torch==2.13.0
+# A second environment with the last transformers 4 release, where the Hub-code tests load saved
+# folders too; the tests find its python through MMFUSE_COMPAT_PYTHON.
+COMPAT_VENV ?= .venv457
+COMPAT_TRANSFORMERS_SPEC ?= transformers==4.57.6
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo clean compat
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +19,22 @@ setup: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
 
+# The stamp file marks a finished install, so an interrupted one is redone on the next run.
+$(COMPAT_VENV)/.installed:
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(COMPAT_VENV)/bin/pip install --quiet "$(COMPAT_TRANSFORMERS_SPEC)" numpy pillow safetensors tokenizers accelerate
+	touch $@
+
+compat: $(COMPAT_VENV)/.installed
+
 lint: setup
 	$(BIN)/ruff check mmfuse tests benchmarks
 	$(BIN)/ruff format --check mmfuse tests benchmarks
 
-test: setup lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+test: setup lint compat
+	MMFUSE_COMPAT_PYTHON=$(COMPAT_VENV)/bin/python $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info
