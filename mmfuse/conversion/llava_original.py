@@ -10,6 +10,7 @@ rebuilt here from the same weights, within --tolerance and its greedy tokens exa
 
 import json
 import os
+import pickle
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
@@ -134,7 +135,7 @@ def load_projector(path: str) -> dict:
         raise CommandError(f"projector file {path} does not exist; pass the mm_projector.bin of the LLaVA release.")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as error:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise CommandError(f"could not read the projector file {path}: {str(error).splitlines()[0]}") from error
     if not isinstance(state_dict, dict) or not state_dict:
         raise CommandError(f"projector file {path} holds no state dict of tensors; pass LLaVA's mm_projector.bin.")
