@@ -12,6 +12,7 @@ COMMANDS = {
     "convert": ("mmfuse.conversion.convert", "Convert a checkpoint of another implementation into an mmfuse folder."),
     "train": ("mmfuse.training.commands:TrainCommand", "Train a model on easy-VQA, Fashion-MNIST or your own data."),
     "evaluate": ("mmfuse.training.commands:EvaluateCommand", "Measure answer accuracy by greedy generation."),
+    "train-vqgan": ("mmfuse.training.vqgan_command", "Train a VQ-GAN image tokenizer from scratch."),
     "compose": ("mmfuse.conversion.compose_command", "Compose a new model from a pretrained vision tower and LM."),
     "push": ("mmfuse.conversion.push", "Upload an mmfuse folder to the Hugging Face Hub."),
 }

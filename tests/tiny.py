@@ -108,3 +108,20 @@ def plain_language_model(model):
     language_model.get_decoder().load_state_dict(model.language_model.state_dict())
     language_model.get_output_embeddings().load_state_dict(model.lm_head.state_dict())
     return language_model.eval()
+
+
+def vqgan_config(**overrides) -> dict:
+    """Keyword arguments of a tiny `MmfuseVQGANConfig`: 24 px images, 6x6 codes, a codebook of 37 entries."""
+    config = {
+        "resolution": 24,
+        "base_channels": 12,
+        "channel_multipliers": [1, 2, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [12],
+        "norm_num_groups": 4,
+        "latent_channels": 7,
+        "embed_dim": 5,
+        "codebook_size": 37,
+    }
+    config.update(overrides)
+    return config

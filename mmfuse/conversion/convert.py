@@ -6,6 +6,7 @@ import importlib
 CONVERTERS = {
     "llava": "mmfuse.conversion.llava",
     "llava-original": "mmfuse.conversion.llava_original",
+    "janus-vq": "mmfuse.conversion.janus_vq",
     "chameleon": "mmfuse.conversion.chameleon",
 }
 
