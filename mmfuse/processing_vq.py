@@ -62,9 +62,9 @@ class MmfuseVQProcessor(MmfuseProcessorMixin):
         """Tokenize `text` with each image expanded to its span, preprocess `images`, and optionally add labels.
 
         Args:
-            labels_mode: None (no labels), `"understanding"` (labels are the input ids with -100 on image
-                spans and padding, for training image-to-text) or `"generation"` (labels keep the image spans,
-                for training text-to-image; the model replaces the placeholders by the image tokens).
+            labels_mode: None adds no labels. `"understanding"` sets -100 on image spans and padding, for
+                training image-to-text. `"generation"` keeps the image spans, for training text-to-image, and
+                the model then replaces the placeholders in the labels by the image tokens.
             Other arguments as in `MmfuseProcessorMixin.__call__`.
         """
         if labels_mode not in (None,) + LABELS_MODES:

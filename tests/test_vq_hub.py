@@ -30,7 +30,8 @@ def test_folder_loads_without_mmfuse(saved_vq, hub_python, tmp_path):
     result = run_hub_worker(folder, hub_python, request, tmp_path)
     assert not result["mmfuse_importable"]
     assert result["model_class"] == "MmfuseVQForConditionalGeneration"
-    assert result["missing_keys"] == [] and result["unexpected_keys"] == []
+    assert result["missing_keys"] == []
+    assert result["unexpected_keys"] == []
 
     inputs = processor(text=text, images=[image, image], return_tensors="pt", padding=True)
     assert torch.equal(result["inputs"]["input_ids"], inputs["input_ids"])
@@ -47,8 +48,8 @@ def test_any_to_any_pipeline_generates_image(saved_vq, monkeypatch):
     try:
         import torchvision  # noqa: F401
     except ImportError:
-        # NOTE: the any-to-any pipeline requires torchvision for models that read images, although this model's
-        # processor does not use it; without torchvision only that import check is skipped.
+        # NOTE: the any-to-any pipeline demands torchvision for every model that reads images. This processor
+        # never uses it, so the test skips only that import check.
         monkeypatch.setattr("transformers.pipelines.any_to_any.requires_backends", lambda *args: None)
     generator = transformers.pipeline("any-to-any", model=str(folder), trust_remote_code=True)
     output = generator(text="a red circle", generation_mode="image", generate_kwargs={"seed": 4})
