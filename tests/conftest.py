@@ -66,3 +66,7 @@ def hub_python(request):
     from subprocess_helpers import compat_python
 
     return sys.executable if request.param == "installed" else compat_python()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "timm: needs timm and torchvision; `make test` runs these in .venv-timm")
