@@ -8,6 +8,7 @@ CONVERTERS = {
     "llava-original": "mmfuse.conversion.llava_original",
     "janus-vq": "mmfuse.conversion.janus_vq",
     "chameleon": "mmfuse.conversion.chameleon",
+    "idefics": "mmfuse.conversion.idefics",
 }
 
 
