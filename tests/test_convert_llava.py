@@ -285,9 +285,9 @@ def test_image_processor_mapping():
 
 IMAGE_TOKEN_INDEX = -200  # the marker of an image in LLaVA's input_ids
 ORIGINAL_CASES = {
-    # LLaVA's own config.json names the settings; the vision folder holds a CLIP vision model.
+    # LLaVA's own config.json names the settings, and the vision folder contains a CLIP vision model.
     "config-mlp2x-patch": {"projector_layers": (0, 2), "select_layer": -2, "keep_cls": False, "options": []},
-    # A plain Llama folder; options name the settings; the vision folder holds a full CLIP model.
+    # A plain Llama folder with the settings as options, and a full CLIP model in the vision folder.
     "options-linear-cls-patch": {
         "projector_layers": (0,),
         "select_layer": -1,

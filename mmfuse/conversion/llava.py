@@ -1,7 +1,7 @@
 """Convert a transformers Llava folder into an mmfuse_projection folder.
 
 The input is a folder written by `LlavaForConditionalGeneration.save_pretrained` and
-`LlavaProcessor.save_pretrained`. The output holds the same weights as an mmfuse_projection
+`LlavaProcessor.save_pretrained`. The output contains the same weights as an mmfuse_projection
 model with its processor, tokenizer and chat template. Nothing is written unless the converted
 model reproduces the source's fp32 logits within --tolerance and its greedy tokens exactly.
 """
@@ -135,7 +135,7 @@ def load_source(folder: str):
         raise CommandError(f"could not read the config in {folder}: {str(error).splitlines()[0]}") from error
     if config.model_type != "llava":
         raise CommandError(
-            f"{folder} holds a model of type {config.model_type!r}, expected 'llava'; "
+            f"{folder} contains a model of type {config.model_type!r}, expected 'llava'; "
             "pass a folder written by LlavaForConditionalGeneration.save_pretrained."
         )
     try:
@@ -147,7 +147,7 @@ def load_source(folder: str):
         ) from error
     if not hasattr(processor, "image_processor") or not hasattr(processor, "image_token"):
         raise CommandError(
-            f"{folder} holds a {type(processor).__name__}, expected a LlavaProcessor; "
+            f"{folder} contains a {type(processor).__name__}, expected a LlavaProcessor; "
             "save the LlavaProcessor into the same folder."
         )
 

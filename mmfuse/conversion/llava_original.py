@@ -66,7 +66,7 @@ def language_model_config(folder: str):
     values = read_json(os.path.join(folder, "config.json"))
     if "text_config" in values:
         raise CommandError(
-            f"{folder} holds a transformers Llava model, not an original LLaVA LM; use `mmfuse convert llava`."
+            f"{folder} contains a transformers Llava model, not an original LLaVA LM; use `mmfuse convert llava`."
         )
     llava_fields = {key: values.pop(key) for key in list(values) if key.startswith("mm_")}
     for key in LLAVA_CONFIG_FIELDS:
@@ -91,7 +91,8 @@ def load_language_model(folder: str, config):
         )
     except (OSError, ValueError) as error:
         raise CommandError(f"could not load the LM in {folder}: {str(error).splitlines()[0]}") from error
-    # A full LLaVA release keeps its projector (and sometimes the vision tower) in the LM shards.
+    # A full LLaVA release may keep its projector (and the vision tower) in the LM shards; --projector and
+    # --vision supply those parts, so such weights are skipped here.
     unexpected = [
         key for key in info.get("unexpected_keys") or [] if ".mm_projector." not in key and "vision_tower" not in key
     ]
@@ -105,7 +106,7 @@ def load_language_model(folder: str, config):
 
 
 def load_vision_model(folder: str):
-    """Load the vision tower of `folder`, which holds a vision model or a full CLIP/SigLIP model."""
+    """Load the vision tower of `folder`, which contains a vision model or a full CLIP/SigLIP model."""
     try:
         config = AutoConfig.from_pretrained(folder)
         vision_config = getattr(config, "vision_config", config)
@@ -138,7 +139,7 @@ def load_projector(path: str) -> dict:
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise CommandError(f"could not read the projector file {path}: {str(error).splitlines()[0]}") from error
     if not isinstance(state_dict, dict) or not state_dict:
-        raise CommandError(f"projector file {path} holds no state dict of tensors; pass LLaVA's mm_projector.bin.")
+        raise CommandError(f"projector file {path} contains no state dict of tensors; pass LLaVA's mm_projector.bin.")
     return {key: tensor.float() for key, tensor in state_dict.items()}
 
 
