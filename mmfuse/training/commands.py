@@ -46,6 +46,7 @@ class TrainCommand:
             default="connector",
             help="Which weights learn: 'connector', 'lora' (connector and LoRA adapters on the LM) or 'full'.",
         )
+
         parser.add_argument("--limit", type=int, help="Train on this many examples, drawn at random (default: all).")
         parser.add_argument("--epochs", type=float, default=1.0, help="Number of passes over the data.")
         parser.add_argument("--max-steps", type=int, default=-1, help="Stop after this many optimizer steps.")
@@ -56,6 +57,7 @@ class TrainCommand:
         parser.add_argument(
             "--learning-rate", type=float, help="Peak learning rate (default: 1e-3 connector, 2e-4 lora, 2e-5 full)."
         )
+
         parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the 'lora' stage.")
         parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling numerator of the 'lora' stage.")
         parser.add_argument("--train-vision-tower", action="store_true", help="Also train the vision tower.")
@@ -67,6 +69,7 @@ class TrainCommand:
             action="store_true",
             help="Run the frozen vision tower at every step instead of once per image.",
         )
+
         parser.add_argument("--save-steps", type=int, help="Save a resumable checkpoint every this many steps.")
         parser.add_argument(
             "--resume",
@@ -133,7 +136,9 @@ class EvaluateCommand:
         parser.add_argument("--output", help="Folder for results.json and results.md (default: print only).")
         parser.add_argument("--limit", type=int, help="Evaluate this many examples per dataset (default: all).")
         parser.add_argument("--batch-size", type=int, default=16, help="Prompts generated together.")
-        parser.add_argument("--max-new-tokens", type=int, default=16, help="Longest answer, in tokens.")
+        parser.add_argument(
+            "--max-new-tokens", type=int, default=16, help="Maximum number of generated tokens per answer."
+        )
         parser.add_argument("--seed", type=int, default=0, help="Seed of the --limit sample.")
 
     @staticmethod

@@ -256,9 +256,8 @@ class VisionTextCollator:
     """Build chat-formatted batches: one image per example, prompt and answer in the processor's chat template.
 
     With `for_generation=False` (training) every row is the rendered user turn followed by the
-    answer and the template's end-of-turn text; `labels` copy `input_ids` on the answer tokens and
-    are -100 on the prompt, on the image tokens and on padding, so only the answer counts in the
-    loss. With `for_generation=True` rows end with the assistant's generation prompt, have no
+    answer and the template's end-of-turn text. `labels` copy `input_ids` on the answer tokens and
+    are -100 on the prompt, the image tokens and the padding, so only the answer counts in the loss. With `for_generation=True` rows end with the assistant's generation prompt, have no
     labels and are padded on the left, as `generate` needs.
 
     Args:

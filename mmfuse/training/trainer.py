@@ -8,7 +8,7 @@ Stages follow LLaVA's recipe:
   are merged into the LM weights before the final save, so the result is a plain mmfuse folder.
 - `full`: the connector and every LM weight learn.
 
-The vision tower stays frozen in every stage unless `train_vision_tower=True`; while it is frozen
+The vision tower stays frozen in every stage unless `train_vision_tower=True`. While it is frozen,
 its outputs are cached per image (`VisionFeatureCache`) for models that support it.
 """
 
@@ -102,7 +102,12 @@ def prepare_model_for_stage(
             r=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
-            target_modules=lora_target_names(model),
+            target_modules=[
+                # Connector layers inside the LM (gated cross-attention) train fully, without adapters.
+                name
+                for name in lora_target_names(model)
+                if not any(name == connector or name.startswith(connector + ".") for connector in connectors)
+            ],
             modules_to_save=list(connectors) + (["vision_tower"] if train_vision_tower else []),
         )
         model = get_peft_model(model, lora_config)
