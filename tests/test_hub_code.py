@@ -94,6 +94,7 @@ def test_saved_folder_carries_hub_code(tiny_projection, tmp_path):
         assert not re.search(r"^\s*from\s+\.\.", source, flags=re.MULTILINE), name
 
 
+@pytest.mark.slow
 def test_loads_without_mmfuse(tiny_projection, hub_python, tmp_path):
     model, processor = tiny_projection
     folder = save_folder(model, processor, tmp_path / "model")
@@ -115,6 +116,7 @@ def test_loads_without_mmfuse(tiny_projection, hub_python, tmp_path):
     assert torch.equal(output["base_last_hidden_state"], expected["base_last_hidden_state"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tower", ["clip_vision_model", "siglip_vision_model"])
 def test_round_trip_through_transformers_457(make_projection, tower, tmp_path):
     """A folder saved here loads in 4.57 with the trained tower, and 4.57's re-save loads back here."""

@@ -73,6 +73,7 @@ def pipeline_calls() -> list:
     ]
 
 
+@pytest.mark.slow
 def test_pipelines_without_mmfuse(tiny_projection, hub_python, tmp_path):
     model, processor = tiny_projection
     folder = str(tmp_path / "model")
