@@ -137,6 +137,9 @@ def test_round_trip_through_transformers_457(make_projection, tower, tmp_path):
     assert output_457["unexpected_keys"] == []
     assert_same_outputs(output_457, expected)
     assert any(name.startswith("model.vision_tower.vision_model.embeddings.") for name in tensor_names(folder_457))
+    with open(os.path.join(folder_457, "config.json"), encoding="utf-8") as file:
+        assert "image-to-text" in json.load(file)["custom_pipelines"]
+    assert os.path.isfile(os.path.join(folder_457, "pipeline_image_to_text.py"))
 
     output_5 = run_hub_worker(folder_457, sys.executable, hub_request(), tmp_path / "run_5")
 
