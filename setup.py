@@ -21,7 +21,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "ruff>=0.6", "peft>=0.13", "easy-vqa>=1.0"],
+        "test": ["pytest>=8.0", "ruff>=0.6", "peft>=0.13", "easy-vqa>=1.0", "gguf>=0.10", "matplotlib>=3.8"],
+        "timm": ["timm>=1.0"],
         "demo": ["gguf>=0.10", "peft>=0.13", "easy-vqa>=1.0", "scikit-image>=0.22", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["mmfuse=mmfuse.cli:main"]},
