@@ -252,7 +252,7 @@ class MmfuseVQGANVectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(config.codebook_size, config.embed_dim)
 
     def codebook(self, for_decoding: bool = False) -> torch.Tensor:
-        """`[codebook_size, embed_dim]` entries as the lookup (or, with `for_decoding`, the decoder) sees them."""
+        """`[codebook_size, embed_dim]` entries used by the lookup or, with `for_decoding`, passed to the decoder."""
         weight = self.embedding.weight
         if self.codebook_normalization == "l2" or (for_decoding and self.codebook_normalization == "l2_decode"):
             weight = F.normalize(weight, p=2, dim=-1)
@@ -303,7 +303,7 @@ class MmfuseVQGANPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Conv2d):
-            # PyTorch's default for convolutions; it trains a GroupNorm network from scratch better than N(0, 0.02).
+            # PyTorch's default for convolutions (taming-transformers trains with it) instead of transformers' N(0, 0.02).
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
             init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))

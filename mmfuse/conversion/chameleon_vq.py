@@ -36,10 +36,11 @@ def vqgan_config_from_chameleon(vq_config) -> MmfuseVQGANConfig:
     """Return the encode-only `MmfuseVQGANConfig` equivalent to a `ChameleonVQVAEConfig`."""
     reject_double_latent(vq_config, "the Chameleon VQ config")
     attn_type = getattr(vq_config, "attn_type", "vanilla")
-    if attn_type not in ("vanilla", None):
+    # transformers 4.57 spells "no attention" None, but 5.25 configs take only strings, so "none" is accepted too.
+    if attn_type not in ("vanilla", None, "none"):
         raise CommandError(
             f"the Chameleon VQ config has attn_type={attn_type!r}; only 'vanilla' (self-attention blocks) and None "
-            "(no attention) have an mmfuse equivalent."
+            "or 'none' (no attention) have an mmfuse equivalent."
         )
     uses_attention = attn_type == "vanilla"
     return MmfuseVQGANConfig(

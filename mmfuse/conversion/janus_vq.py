@@ -20,7 +20,7 @@ from .parity import ParityError, load_strictly, map_keys, read_checkpoint, requi
 
 # Janus names its modules like Chameleon and adds the decoder.
 JANUS_VQ_KEY_TABLE = CHAMELEON_VQ_KEY_TABLE + ((r"decoder\.", "decoder."),)
-# Where a whole Janus checkpoint keeps its image tokenizer.
+# Key prefix of the image tokenizer inside a whole Janus checkpoint.
 JANUS_VQ_PREFIX = "model.vqmodel."
 
 
@@ -63,7 +63,7 @@ def load_janus_vqvae(folder: str) -> tuple:
         }
     elif config.model_type != "janus_vqgan":
         raise CommandError(
-            f"{folder} holds a {config.model_type!r} model; pass a folder of a JanusVQVAE ('janus_vqgan') or of a "
+            f"{folder} contains a {config.model_type!r} model; pass a folder of a JanusVQVAE ('janus_vqgan') or of a "
             "whole Janus model ('janus')."
         )
     state_dict = {key: tensor.float() if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()}

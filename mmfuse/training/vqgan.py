@@ -139,7 +139,7 @@ class EMACodebook:
     """Exponential-moving-average codebook updates with Laplace smoothing of the cluster sizes.
 
     For every entry k: `N_k <- decay * N_k + (1 - decay) * n_k` and `m_k <- decay * m_k + (1 - decay) * s_k`,
-    where `n_k` counts the latents assigned to k in the batch and `s_k` sums them; the entry becomes
+    where `n_k` counts the latents assigned to k in the batch and `s_k` sums them. The entry becomes
     `m_k / N~_k` with `N~_k = (N_k + epsilon) / (N + K * epsilon) * N` and `N = sum_k N_k`. Cluster sizes start
     at 1 and sums at the entries themselves, so an unused entry stays where it is.
     """
@@ -195,19 +195,28 @@ class DeadCodeRestarter:
         self.recent_latents = latents[: self.buffer_size]
 
     @torch.no_grad()
-    def restart(self, embedding: nn.Embedding) -> torch.LongTensor:
-        """Move every entry unused since the last call onto a random recent latent; return their indices."""
+    def restart(self, quantizer) -> torch.LongTensor:
+        """Move every entry unused since the last call onto a recent latent; return the moved indices.
+
+        Latents are drawn with probability proportional to their squared distance from the nearest entry, as in
+        k-means++ seeding. Restarted entries thus go where the codebook fits the encoder output worst. They do
+        not land on the many latents of a plain background, which one entry already covers.
+        """
         dead = torch.nonzero(self.usage == 0).flatten()
         self.usage.zero_()
         if len(dead) == 0 or self.recent_latents is None:
             return dead[:0]
-        picks = torch.randint(len(self.recent_latents), (len(dead),), generator=self.generator)
+        codebook = quantizer.codebook().detach().float().cpu()
+        distances = torch.cdist(self.recent_latents, codebook).min(dim=1).values ** 2
+        if not distances.sum() > 0:
+            distances = torch.ones_like(distances)
+        picks = torch.multinomial(distances, len(dead), replacement=True, generator=self.generator)
         new_entries = self.recent_latents[picks]
         # A little noise keeps two entries restarted onto the same latent from staying identical.
         new_entries = new_entries + self.noise * new_entries.std() * torch.randn(
             new_entries.shape, generator=self.generator
         )
-        weight = embedding.weight
+        weight = quantizer.embedding.weight
         weight[dead.to(weight.device)] = new_entries.to(weight.device, weight.dtype)
         return dead
 
@@ -391,18 +400,21 @@ def train_vqgan(
         if restarter is not None:
             restarter.observe(flat_latents, outputs.codes)
             if step % args.restart_every == 0:
-                restarted = restarter.restart(model.quantize.embedding)
+                restarted = restarter.restart(model.quantize)
                 if ema is not None and len(restarted):
                     ema.reset(restarted.to(ema.cluster_size.device))
 
         record = {
             "step": step,
             "loss": float(loss.detach()),
-            "reconstruction_loss": float(outputs.reconstruction_loss),
-            "commitment_loss": float(outputs.commitment_loss),
-            "perplexity": float(outputs.perplexity),
-            "codebook_usage": float(outputs.codebook_usage),
+            "reconstruction_loss": float(outputs.reconstruction_loss.detach()),
+            "commitment_loss": float(outputs.commitment_loss.detach()),
+            "perplexity": float(outputs.perplexity.detach()),
+            "codebook_usage": float(outputs.codebook_usage.detach()),
         }
+        if use_discriminator:
+            record["generator_loss"] = float(generator_loss.detach())
+            record["discriminator_loss"] = float(discriminator_loss.detach())
         history.append(record)
         progress.set_postfix(rec=f"{record['reconstruction_loss']:.4f}", ppl=f"{record['perplexity']:.0f}")
         if step % args.sample_every == 0 or step == args.num_steps:
