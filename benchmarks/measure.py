@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -40,6 +41,70 @@ def time_call(function, repeats: int = 5, warmup: int = 1) -> Timing:
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - start)
     return Timing(statistics.median(samples), min(samples), max(samples), repeats)
+
+
+def timing_from_samples(samples: list) -> Timing:
+    """Summarise per-repetition figures (seconds) as their median, min and max."""
+    return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+class DecodeStepTimer(LogitsProcessor):
+    """Logits processor that records when `generate` reaches each step; it leaves the scores unchanged.
+
+    `generate` calls it once after the prefill and once after every decode step, so the gaps between
+    consecutive calls are the decode steps: one forward of one new token with the KV cache, plus
+    `generate`'s own per-step work.
+    """
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def step_seconds(self) -> list:
+        return [later - earlier for earlier, later in zip(self.stamps, self.stamps[1:])]
+
+
+def decode_step_timing(model, inputs: dict, new_tokens: int, repeats: int = 5, warmup: int = 1, **generate_kwargs):
+    """Time the decode steps of greedy `generate` calls of `new_tokens` tokens, the prefill excluded.
+
+    Each repetition is one `generate` call; its figure is the median gap between decode steps. The
+    returned `Timing` is the median, min and max of those per-call medians, in seconds per token.
+    """
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens} leaves no decode step to time; use at least 2.")
+    per_call = []
+    for index in range(warmup + repeats):
+        timer = DecodeStepTimer()
+        with torch.no_grad():
+            model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([timer]),
+                **generate_kwargs,
+            )
+        if index >= warmup:
+            per_call.append(statistics.median(timer.step_seconds()))
+    return timing_from_samples(per_call)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the key and value tensors in a transformers KV cache (`DynamicCache` and its relatives)."""
+    if cache is None:
+        return 0
+    tensors = []
+    if hasattr(cache, "layers"):  # transformers >= 4.56: one object per layer
+        for layer in cache.layers:
+            tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+    else:
+        tensors += list(getattr(cache, "key_cache", [])) + list(getattr(cache, "value_cache", []))
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if isinstance(tensor, torch.Tensor))
 
 
 def ratio(numerator: Timing, denominator: Timing) -> float:
@@ -71,10 +136,10 @@ def value_row(measure: str, unit: str, mmfuse_value: float, reference_value: flo
     }
 
 
-def markdown_table(rows: list, reference_name: str) -> str:
+def markdown_table(rows: list, reference_name: str, subject_name: str = "mmfuse") -> str:
     """Render rows from `row`/`value_row` as a markdown table with medians and min-max ranges."""
     lines = [
-        f"| measure | mmfuse | {reference_name} | mmfuse / {reference_name} |",
+        f"| measure | {subject_name} | {reference_name} | {subject_name} / {reference_name} |",
         "|---|---|---|---|",
     ]
     for entry in rows:
@@ -153,3 +218,17 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def plain_table(headers: list, rows: list) -> str:
+    """Render a markdown table from a header list and rows of already formatted cells."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def format_timing(timing: dict) -> str:
+    """Format a `Timing.as_dict()` as `median (min to max)`."""
+    return f"{format_value(timing['median'], 's')} ({format_value(timing['minimum'], 's')} to " + (
+        f"{format_value(timing['maximum'], 's')})"
+    )

@@ -19,6 +19,11 @@ from .measure import machine_description
 # Section name -> module with `run(settings) -> dict` and `markdown(results) -> str`.
 SECTIONS = {
     "projection": "benchmarks.projection",
+    "overhead": "benchmarks.overhead",
+    "cross_attention": "benchmarks.cross_attention",
+    "context": "benchmarks.context",
+    "vq": "benchmarks.vq",
+    "training": "benchmarks.training",
 }
 
 
