@@ -27,7 +27,10 @@ def add_arguments(parser):
             help="Largest allowed logit difference (fp32) in the parity check.",
         )
         subparser.add_argument(
-            "--push-to-hub", metavar="NAME", default=None, help="Also upload the written folder to this Hub repository."
+            "--push-to-hub",
+            metavar="NAME",
+            default=None,
+            help="Also upload the written folder to this Hub repository.",
         )
         module.add_arguments(subparser)
         subparser.set_defaults(convert=module.run)
