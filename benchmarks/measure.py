@@ -5,6 +5,7 @@ max, and compared as a ratio against a reference measured in the same process, s
 conclusions hold on a noisy shared machine.
 """
 
+import contextlib
 import gc
 import os
 import statistics
@@ -69,18 +70,22 @@ class DecodeStepTimer(LogitsProcessor):
         return [later - earlier for earlier, later in zip(self.stamps, self.stamps[1:])]
 
 
-def decode_step_timing(model, inputs: dict, new_tokens: int, repeats: int = 5, warmup: int = 1, **generate_kwargs):
+def decode_step_timing(
+    model, inputs: dict, new_tokens: int, repeats: int = 5, warmup: int = 1, peak_memory=None, **generate_kwargs
+):
     """Time the decode steps of greedy `generate` calls of `new_tokens` tokens, the prefill excluded.
 
     Each repetition is one `generate` call; its figure is the median gap between decode steps. The
     returned `Timing` is the median, min and max of those per-call medians, in seconds per token.
+    A `PeakMemory` given as `peak_memory` measures the first warm-up call, which is not timed.
     """
     if new_tokens < 2:
         raise ValueError(f"new_tokens={new_tokens} leaves no decode step to time; use at least 2.")
     per_call = []
     for index in range(warmup + repeats):
         timer = DecodeStepTimer()
-        with torch.no_grad():
+        measure_memory = peak_memory is not None and index == 0 and warmup > 0
+        with peak_memory if measure_memory else contextlib.nullcontext(), torch.no_grad():
             model.generate(
                 **inputs,
                 max_new_tokens=new_tokens,

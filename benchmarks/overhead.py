@@ -8,15 +8,15 @@ def run(settings, output_dir: str) -> dict:
     """Time the decode steps of each fusion type with one image, and of the bare LM on as many text tokens."""
     language_model = build_language_model(settings.tiny)
     vocab_size = language_model.config.vocab_size
-    results = {"new_tokens": settings.new_tokens, "rows": []}
+    results = {"decode_steps": settings.decode_steps, "rows": []}
     for fusion_type, build in BUILDERS.items():
         model = build(settings.tiny)
         inputs = prompt_inputs(model, num_images=1)
         context_length = int(inputs["input_ids"].shape[1])
-        fused = decode_step_timing(model, inputs, settings.new_tokens, settings.repeats)
+        fused = decode_step_timing(model, inputs, settings.decode_steps, settings.repeats)
         # The bare LM runs right after the fusion model, so both see the same load on a shared machine.
         bare = decode_step_timing(
-            language_model, text_inputs(context_length, vocab_size), settings.new_tokens, settings.repeats
+            language_model, text_inputs(context_length, vocab_size), settings.decode_steps, settings.repeats
         )
         results["rows"].append(
             {
@@ -45,7 +45,7 @@ def markdown(results: dict) -> str:
     lines = [
         "## Decode overhead against the bare LM",
         "",
-        f"One image per prompt, greedy `generate` of {results['new_tokens']} tokens; a decode step is the gap "
+        f"One image per prompt, greedy `generate` of {results['decode_steps']} tokens; a decode step is the gap "
         "between two generation steps (prefill excluded). The bare LM decodes a random text prompt of the same "
         "context length.",
         "",

@@ -53,15 +53,20 @@ def run(settings, output_dir: str) -> dict:
     """Compare prefill, decode, memory and end-to-end generate of mmfuse and Llava."""
     model, llava = build_models(settings.tiny)
     repeats, new_tokens = settings.repeats, settings.new_tokens
-    results = {"new_tokens": new_tokens, "num_image_tokens": model.config.num_image_tokens, "rows": []}
+    results = {
+        "new_tokens": new_tokens,
+        "decode_steps": settings.decode_steps,
+        "num_image_tokens": model.config.num_image_tokens,
+        "rows": [],
+    }
 
     single = prompt_inputs(model, num_images=1, batch_size=1)
     mmfuse_prefill = time_call(prefill_call(model, single), repeats=repeats)
     llava_prefill = time_call(prefill_call(llava, single), repeats=repeats)
     results["rows"].append(row("prefill, batch 1", mmfuse_prefill, llava_prefill))
 
-    mmfuse_decode = decode_step_timing(model, single, new_tokens, repeats)
-    llava_decode = decode_step_timing(llava, single, new_tokens, repeats)
+    mmfuse_decode = decode_step_timing(model, single, settings.decode_steps, repeats)
+    llava_decode = decode_step_timing(llava, single, settings.decode_steps, repeats)
     results["rows"].append(row("decode step, batch 1", mmfuse_decode, llava_decode))
 
     for batch_size in (1, 8):
@@ -90,7 +95,8 @@ def markdown(results: dict) -> str:
     lines = [
         "## Projection fusion vs transformers' Llava (identical weights)",
         "",
-        f"{results['num_image_tokens']} image tokens per image; generate runs {results['new_tokens']} greedy tokens.",
+        f"{results['num_image_tokens']} image tokens per image; generate runs {results['new_tokens']} greedy tokens. A decode step is the gap "
+        f"between two generation steps of a {results['decode_steps']}-token greedy `generate` (prefill excluded).",
         "",
         markdown_table(results["rows"], reference_name="Llava"),
         "",

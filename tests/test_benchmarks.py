@@ -10,7 +10,10 @@ from benchmarks import run
 @pytest.fixture(scope="module")
 def output_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("benchmarks")
-    assert run.main(["--tiny", "--repeats", "1", "--new-tokens", "3", "--output", str(folder)]) == 0
+    assert (
+        run.main(["--tiny", "--repeats", "1", "--new-tokens", "3", "--decode-steps", "3", "--output", str(folder)])
+        == 0
+    )
     return folder
 
 
