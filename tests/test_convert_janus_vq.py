@@ -2,7 +2,8 @@ import os
 
 import pytest
 import torch
-from transformers import ChameleonVQVAEConfig, JanusVQVAEConfig
+from tiny import text_config
+from transformers import ChameleonVQVAEConfig, JanusConfig, JanusForConditionalGeneration, JanusVQVAEConfig
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 from transformers.models.janus.modeling_janus import JanusVQVAE
 
@@ -68,6 +69,36 @@ def test_convert_janus_vq_command(tmp_path, capsys):
         assert (converted.decode(codes) - reference_pixels).abs().max() < 1e-4
         forward_difference = source(pixel_values).decoded_pixel_values - converted(pixel_values).reconstruction
         assert forward_difference.abs().max() < 1e-4
+
+
+def test_convert_janus_vq_from_whole_janus_model(tmp_path):
+    torch.manual_seed(0)
+    config = JanusConfig(
+        text_config=text_config(),
+        vision_config={
+            "hidden_size": 24,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 37,
+            "image_size": 24,
+            "patch_size": 2,
+            "projection_dim": 32,
+        },
+        vq_config={**TINY_VQ, "projection_dim": 32, "image_token_embed_dim": 32},
+    )
+    janus = JanusForConditionalGeneration(config).eval()
+    spread_codebook(janus.model.vqmodel)
+    janus.save_pretrained(tmp_path / "janus")
+
+    assert main(["convert", "janus-vq", "--input", str(tmp_path / "janus"), "--output", str(tmp_path / "out")]) == 0
+    converted = MmfuseVQGANModel.from_pretrained(tmp_path / "out").eval()
+    pixel_values = random_pixels()
+    with torch.no_grad():
+        reference_codes = janus.model.vqmodel.encode(pixel_values).image_tokens.view(3, 12, 12)
+        codes = converted.encode(pixel_values)
+        assert torch.equal(codes, reference_codes)
+        reference_pixels = janus.model.vqmodel.decode(reference_codes.view(3, -1))
+        assert (converted.decode(codes) - reference_pixels).abs().max() < 1e-4
 
 
 def test_convert_janus_vq_rejects_double_latent():
