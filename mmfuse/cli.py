@@ -15,6 +15,7 @@ COMMANDS = {
     "train-vqgan": ("mmfuse.training.vqgan_command", "Train a VQ-GAN image tokenizer from scratch."),
     "compose": ("mmfuse.conversion.compose_command", "Compose a new model from a pretrained vision tower and LM."),
     "push": ("mmfuse.conversion.push", "Upload an mmfuse folder to the Hugging Face Hub."),
+    "demo": ("mmfuse.demo.run", "Compose SmolLM2 with EfficientNet-Lite, train on easy-VQA and report."),
 }
 
 
