@@ -212,10 +212,13 @@ def select_vision_features(
         `[num_images, num_patches, hidden_size * num_feature_layers]`.
     """
     tower_dtype = next(vision_tower.parameters()).dtype
-    outputs = vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True)
-    hidden_states = outputs.hidden_states
+    # timm towers (`TimmWrapperModel`) report their stage outputs as hidden states, whose widths differ
+    # from the final feature map (EfficientNet: 320 channels before the 1280-channel head convolution),
+    # so for them only the final feature map is offered.
+    is_timm_tower = getattr(vision_tower.config, "model_type", None) == "timm_wrapper"
+    outputs = vision_tower(pixel_values.to(tower_dtype), output_hidden_states=not is_timm_tower, return_dict=True)
+    hidden_states = None if is_timm_tower else outputs.hidden_states
     if hidden_states is None:
-        # Towers that report no intermediate states (timm wrappers) offer their last output only.
         hidden_states = (outputs.last_hidden_state,)
     layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
 
