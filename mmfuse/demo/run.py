@@ -8,9 +8,10 @@ budget is spent, and scores greedy answers to held-out easy-VQA test questions.
 Choices that keep a 20-minute CPU budget:
 
 - EfficientNet-Lite0 runs at 128 px instead of its native 224 px. easy-VQA images are 64 px, so
-  nothing is lost, and the 4x4 feature grid costs 16 LM positions instead of 49 (7x7). Lite2
-  gives the same 1280-wide features at three times the tower cost; the tower runs once per image
-  through the feature cache, but every LM position costs a forward and backward pass at every step.
+  a larger input adds no detail, and the 4x4 feature grid costs 16 LM positions instead of 49
+  (7x7). Lite2 gives features of the same width from a larger tower (an estimated two to three
+  times the cost); the tower runs once per image through the feature cache, but every LM
+  position costs a forward and backward pass at every step, so the LM dominates the budget.
 - The chat template is SmolLM2's ChatML without its default system prompt, which would add
   about 20 tokens to every training row.
 - The learning rate schedule is constant after a short warm-up, because the number of steps
@@ -420,7 +421,7 @@ def context_tokens_per_image(config) -> int:
 def run_text_to_image(output_dir: str, budget_seconds: float) -> dict | None:
     """Run VQ text-to-image from `mmfuse.demo.text_to_image` where that module exists; None otherwise."""
     if importlib.util.find_spec("mmfuse.demo.text_to_image") is None:
-        logger.warning("mmfuse.demo.text_to_image is not installed; the text-to-image column says 'not run'.")
+        logger.warning("mmfuse.demo.text_to_image not found; the text-to-image column shows 'not run'.")
         return None
     from . import text_to_image
 
