@@ -48,15 +48,15 @@ def cross_attention_interval(tiny: bool) -> int:
 def vqgan_sizes(tiny: bool) -> dict:
     """VQ-GAN image tokenizer settings as `MmfuseVQGANConfig` keywords.
 
-    The default is a 128 px tokenizer with downsampling 8 (a 16x16 grid, 256 codes per image) and a codebook
-    of 8192. GroupNorm has 32 groups, as in Chameleon's tokenizer, so that the same sizes build a
+    The default is a 128 px tokenizer with Chameleon's five levels, downsampling 16 (an 8x8 grid, 64 codes per
+    image), and a codebook of 8192. GroupNorm has 32 groups, as in Chameleon's tokenizer, so that the same sizes build a
     transformers `ChameleonVQVAE`.
     """
     if tiny:
         values = dict(resolution=16, base_channels=32, channel_multipliers=[1, 2, 2], codebook_size=64)
         values.update(latent_channels=16, embed_dim=8)
     else:
-        values = dict(resolution=128, base_channels=64, channel_multipliers=[1, 2, 2, 4], codebook_size=8192)
+        values = dict(resolution=128, base_channels=64, channel_multipliers=[1, 1, 2, 2, 4], codebook_size=8192)
         values.update(latent_channels=64, embed_dim=64)
     values.update(num_res_blocks=1, attn_resolutions=[], mid_attention=True, norm_num_groups=32)
     return values

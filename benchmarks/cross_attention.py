@@ -2,8 +2,8 @@
 
 A random `IdeficsForVisionText2Text` is saved and converted with `mmfuse convert idefics`'s own functions, and
 the two models' prefill logits are compared before anything is timed. Idefics keeps the resampled latents
-between decode steps but projects them to keys and values again in every gated layer at every step;
-mmfuse projects them once, at the prefill, and carries the keys and values in its image cache.
+between decode steps, but every gated layer projects them to keys and values again at every step. mmfuse
+projects them once, at the prefill, and carries the keys and values in its image cache.
 """
 
 import tempfile
@@ -22,7 +22,7 @@ TINY_IMAGE_COUNTS = (1, 2)
 
 
 def idefics_config(tiny: bool) -> IdeficsConfig:
-    """An Idefics config with the LM, vision tower and resampler sizes of the other sections."""
+    """Build an Idefics config with the LM, vision tower and resampler sizes of the other sections."""
     sizes = model_sizes(tiny)
     vision, text = sizes["vision"], sizes["text"]
     resampler = resampler_sizes(tiny)
