@@ -31,7 +31,7 @@ $(COMPAT_VENV)/.installed:
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install --quiet --upgrade pip
 	$(COMPAT_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(COMPAT_VENV)/bin/pip install --quiet "$(COMPAT_TRANSFORMERS_SPEC)" numpy pillow safetensors tokenizers accelerate
+	$(COMPAT_VENV)/bin/pip install --quiet "$(COMPAT_TRANSFORMERS_SPEC)" numpy pillow safetensors tokenizers accelerate pytest
 	touch $@
 
 compat: $(COMPAT_VENV)/.installed
