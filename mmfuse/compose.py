@@ -39,6 +39,18 @@ def vision_normalization(vision_config) -> tuple:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+def backbone_config(model: PreTrainedModel) -> dict:
+    """Return a part's config as a dict without loading leftovers.
+
+    The source folder path and a GGUF `quantization_config` describe how the part was loaded,
+    not the composed model, whose weights are saved dequantised.
+    """
+    values = model.config.to_dict()
+    for key in ("_name_or_path", "quantization_config"):
+        values.pop(key, None)
+    return values
+
+
 def resize_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Grow the LM's embeddings to cover the tokenizer, initialising new rows at the mean of old ones."""
     vocab_size = model.get_input_embeddings().weight.shape[0]
@@ -72,8 +84,8 @@ def compose_projection(
     tokenizer.padding_side = "left"
 
     config = MmfuseProjectionConfig(
-        vision_config=vision_model.config.to_dict(),
-        text_config=language_model.config.to_dict(),
+        vision_config=backbone_config(vision_model),
+        text_config=backbone_config(language_model),
         image_token=image_token,
         image_token_id=image_token_id,
         **config_kwargs,
@@ -134,8 +146,8 @@ def compose_vq(
     # Image tokens go after every row the LM already has, so no text token changes its id or its embedding.
     image_token_offset = max(len(tokenizer), text_vocab_size)
     config = MmfuseVQConfig(
-        vqgan_config=vqgan_model.config.to_dict(),
-        text_config=language_model.config.to_dict(),
+        vqgan_config=backbone_config(vqgan_model),
+        text_config=backbone_config(language_model),
         image_token=image_token,
         boi_token=boi_token,
         eoi_token=eoi_token,
@@ -204,8 +216,8 @@ def compose_cross_attention(
     tokenizer.padding_side = "left"
 
     config = MmfuseCrossAttentionConfig(
-        vision_config=vision_model.config.to_dict(),
-        text_config=language_model.config.to_dict(),
+        vision_config=backbone_config(vision_model),
+        text_config=backbone_config(language_model),
         image_token=image_token,
         image_token_id=image_token_id,
         **config_kwargs,

@@ -7,6 +7,8 @@ preprocessing the vision tower was trained with. The folder is written to a temp
 renamed at the end, so a failure leaves nothing behind.
 """
 
+import os
+
 import torch
 from transformers.utils import logging
 
@@ -57,6 +59,11 @@ def run(args) -> int:
             f"fusion type {args.fusion!r} is not available in this mmfuse version; use one of {available}."
         )
 
+    if args.language_gguf is not None and not os.path.isfile(args.language_gguf):
+        # Checked before the vision tower loads, which can take a while for a large tower.
+        raise CommandError(
+            f"GGUF file {args.language_gguf} not found; pass the path of a .gguf file as --language-gguf."
+        )
     vision_model, vision_source = load_vision_source(args.vision)
     language_model, tokenizer, language_source = load_language_source(args.language, args.language_gguf)
 
