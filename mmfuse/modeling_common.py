@@ -299,10 +299,63 @@ def mask_ignored_labels(labels, input_ids, attention_mask, image_token_id):
     return labels
 
 
+class MmfuseLMHeadMixin:
+    """Language-modeling head shared by the `...ForConditionalGeneration` class of every fusion type.
+
+    List it before the fusion type's `PreTrainedModel` in the class bases, so that its embedding
+    accessors take precedence over `PreTrainedModel`'s defaults. The class sets `self.model` to its
+    base model, which has a `language_model`, and calls `init_lm_head` before `post_init`.
+    """
+
+    def init_lm_head(self) -> None:
+        """Create `lm_head` and declare it tied to the LM's input embeddings."""
+        text_config = self.config.text_config
+        self.lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self._tied_weights_keys = tied_weights_keys(self, self.model.get_input_embeddings())
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model.language_model
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def compute_lm_logits(self, hidden_states: torch.FloatTensor, logits_to_keep: int | torch.Tensor = 0):
+        """Turn `[batch_size, seq_len, hidden_size]` hidden states into logits with the LM's output scaling.
+
+        `logits_to_keep` > 0 keeps the last that many positions and a tensor keeps the positions it
+        indexes, as in transformers' causal LMs; 0 keeps all of them.
+        """
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        return apply_final_logit_transforms(logits, self.config.text_config)
+
+    def compute_lm_loss(self, logits, labels, input_ids, attention_mask) -> torch.Tensor:
+        """Return the next-token loss of `logits`, leaving out image tokens, padding and -100 labels."""
+        labels = mask_ignored_labels(labels, input_ids, attention_mask, self.config.image_token_id)
+        return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+
+
 __all__ = [
     "CACHE_FIELD",
     "MmfusePreTrainedModel",
     "MmfuseCausalLMOutputWithPast",
+    "MmfuseLMHeadMixin",
     "MmfuseModelOutputWithPast",
     "apply_final_logit_transforms",
     "cache_argument_name",
