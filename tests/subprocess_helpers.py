@@ -95,6 +95,19 @@ def run_hub_worker(folder, python: str, request: dict, workdir) -> dict:
     return torch.load(output_path, weights_only=True)
 
 
+def run_tests_under(python: str, test_file: str, keyword: str) -> subprocess.CompletedProcess:
+    """Run the tests of `test_file` selected by `-k keyword` under `python`, with mmfuse from this checkout."""
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", keyword, test_file],
+        cwd=repository,
+        env=dict(os.environ, PYTHONPATH=repository),
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT_S,
+    )
+
+
 def _block_mmfuse() -> bool:
     """Make `import mmfuse` fail in this process and return whether it still succeeds."""
     sys.modules["mmfuse"] = None  # an editable install stays on sys.path, so hide the module itself

@@ -1,10 +1,13 @@
 """Cross-attention fusion: exactness against the bare LM, media-location masking, caching, training."""
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
 from conftest import config_from_dict
 from PIL import Image
+from subprocess_helpers import compat_python, run_tests_under
 from tiny import text_config, vision_config
 from transformers import AutoModel, AutoModelForCausalLM
 
@@ -240,10 +243,15 @@ def test_beam_search_with_several_images_per_row(tokenizer):
         assert beams[row, -4:].tolist() == alone[0, -4:].tolist(), f"row {row}"
 
 
-def frozen_training_step(model, inputs, checkpointing: bool):
+def frozen_training_step(model, inputs, checkpointing: bool, use_reentrant: bool = False):
+    """Run one backward pass with only the resampler and gated blocks trainable; return the loss.
+
+    Also return how often the first wrapped LM decoder layer called its checkpoint function:
+    once with checkpointing, never without.
+    """
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     model.zero_grad()
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -252,13 +260,25 @@ def frozen_training_step(model, inputs, checkpointing: bool):
     for layer in model.model.gated_decoder_layers():
         layer.gated_cross_attention.requires_grad_(True)
     model.lm_head.requires_grad_(False)
+    checkpoint_calls = []
+    first_layer = model.model.gated_decoder_layers()[0].decoder_layer
+    if checkpointing:
+        checkpoint_function = first_layer._gradient_checkpointing_func
+
+        def counting_checkpoint(*args, **kwargs):
+            checkpoint_calls.append(1)
+            return checkpoint_function(*args, **kwargs)
+
+        first_layer._gradient_checkpointing_func = counting_checkpoint
     loss = model(**inputs, labels=inputs["input_ids"]).loss
     loss.backward()
-    return loss.detach()
+    return loss.detach(), len(checkpoint_calls)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_training_with_and_without_checkpointing(tokenizer, model_type):
+def test_training_with_and_without_checkpointing(tokenizer, model_type, use_reentrant):
+    """Checkpointing leaves loss and gradients unchanged; reentrant checkpointing is 4.57's default."""
     inputs = None
     losses, gradients = [], []
     for checkpointing in (False, True):
@@ -269,7 +289,9 @@ def test_training_with_and_without_checkpointing(tokenizer, model_type):
             images=[random_image(0), random_image(1)],
             return_tensors="pt",
         )
-        losses.append(frozen_training_step(model, inputs, checkpointing))
+        loss, checkpoint_calls = frozen_training_step(model, inputs, checkpointing, use_reentrant)
+        losses.append(loss)
+        assert checkpoint_calls == (1 if checkpointing else 0)
         gradients.append({name: parameter.grad for name, parameter in model.named_parameters()})
 
         for name, parameter in model.named_parameters():
@@ -283,3 +305,18 @@ def test_training_with_and_without_checkpointing(tokenizer, model_type):
     for name, gradient in gradients[0].items():
         if gradient is not None:
             torch.testing.assert_close(gradient, gradients[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_training_under_transformers_457():
+    """Rerun the checkpointing test under the transformers 4.57 environment, with mmfuse from this checkout."""
+    python = compat_python()
+    version = subprocess.run(
+        [python, "-c", "import transformers; print(transformers.__version__)"], capture_output=True, text=True
+    )
+    assert version.stdout.startswith("4.57"), version.stdout
+
+    result = run_tests_under(python, __file__, "training_with_and_without")
+
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "4 passed" in result.stdout, result.stdout[-2000:]
