@@ -39,17 +39,15 @@ from .configuration_cross_attention import MmfuseCrossAttentionConfig
 from .modeling_common import (
     CACHE_FIELD,
     MmfuseCausalLMOutputWithPast,
+    MmfuseLMHeadMixin,
     MmfuseModelOutputWithPast,
     MmfusePreTrainedModel,
-    apply_final_logit_transforms,
     cache_argument_name,
     cache_from_kwargs,
     has_cached_tokens,
     image_token_mask,
-    mask_ignored_labels,
     output_cache,
     select_vision_features,
-    tied_weights_keys,
 )
 
 logger = logging.get_logger(__name__)
@@ -537,30 +535,16 @@ class MmfuseCrossAttentionModel(MmfuseCrossAttentionPreTrainedModel):
         )
 
 
-class MmfuseCrossAttentionForConditionalGeneration(MmfuseCrossAttentionPreTrainedModel, GenerationMixin):
+class MmfuseCrossAttentionForConditionalGeneration(
+    MmfuseLMHeadMixin, MmfuseCrossAttentionPreTrainedModel, GenerationMixin
+):
     """Cross-attention-fusion vision-language model with a language-modeling head."""
 
     def __init__(self, config: MmfuseCrossAttentionConfig):
         super().__init__(config)
         self.model = MmfuseCrossAttentionModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self._tied_weights_keys = tied_weights_keys(self, self.model.get_input_embeddings())
+        self.init_lm_head()
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def get_decoder(self):
-        return self.model.language_model
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """Return resampled latents `[num_images, num_latents, hidden_size]` for `pixel_values`."""
@@ -573,10 +557,6 @@ class MmfuseCrossAttentionForConditionalGeneration(MmfuseCrossAttentionPreTraine
     @property
     def resampler(self):
         return self.model.resampler
-
-    @property
-    def language_model(self):
-        return self.model.language_model
 
     def forward(
         self,
@@ -616,18 +596,10 @@ class MmfuseCrossAttentionForConditionalGeneration(MmfuseCrossAttentionPreTraine
             **kwargs,
         )
 
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        logits = apply_final_logit_transforms(logits, self.config.text_config)
-
+        logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
         loss = None
         if labels is not None:
-            labels = mask_ignored_labels(labels, input_ids, attention_mask, self.config.image_token_id)
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
 
         return MmfuseCrossAttentionCausalLMOutputWithPast(
             loss=loss,
