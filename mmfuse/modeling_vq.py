@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from transformers import AutoModel, GenerationMixin, LogitsProcessor, LogitsProcessorList
 from transformers.utils import ModelOutput, logging
 
@@ -23,15 +22,13 @@ from .configuration_vq import MmfuseVQConfig
 from .modeling_common import (
     CACHE_FIELD,
     MmfuseCausalLMOutputWithPast,
+    MmfuseLMHeadMixin,
     MmfuseModelOutputWithPast,
     MmfusePreTrainedModel,
-    apply_final_logit_transforms,
     cache_argument_name,
     cache_from_kwargs,
     has_cached_tokens,
-    mask_ignored_labels,
     output_cache,
-    tied_weights_keys,
 )
 from .modeling_vqgan import MmfuseVQGANModel
 
@@ -365,38 +362,18 @@ class MmfuseVQModel(MmfuseVQPreTrainedModel):
         )
 
 
-class MmfuseVQForConditionalGeneration(MmfuseVQPreTrainedModel, GenerationMixin):
+class MmfuseVQForConditionalGeneration(MmfuseLMHeadMixin, MmfuseVQPreTrainedModel, GenerationMixin):
     """VQ-token fusion model with a language-modeling head: reads images, writes text and images."""
 
     def __init__(self, config: MmfuseVQConfig):
         super().__init__(config)
         self.model = MmfuseVQModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self._tied_weights_keys = tied_weights_keys(self, self.model.get_input_embeddings())
+        self.init_lm_head()
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def get_decoder(self):
-        return self.model.language_model
 
     @property
     def vqmodel(self):
         return self.model.vqmodel
-
-    @property
-    def language_model(self):
-        return self.model.language_model
 
     def get_image_tokens(self, pixel_values: torch.FloatTensor) -> torch.LongTensor:
         """Return image-token ids `[num_images, num_codes]` for `pixel_values` `[num_images, 3, height, width]`."""
@@ -450,21 +427,13 @@ class MmfuseVQForConditionalGeneration(MmfuseVQPreTrainedModel, GenerationMixin)
             **kwargs,
         )
 
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        logits = apply_final_logit_transforms(logits, self.config.text_config)
-
+        logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
         loss = None
         if labels is not None:
             if input_ids is not None and self.config.image_token_id is not None:
                 is_placeholder = labels == self.config.image_token_id
                 labels = torch.where(is_placeholder, input_ids.to(labels.device), labels)
-            labels = mask_ignored_labels(labels, input_ids, attention_mask, self.config.image_token_id)
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
 
         return MmfuseCausalLMOutputWithPast(
             loss=loss,
