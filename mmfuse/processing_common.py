@@ -213,6 +213,16 @@ class MmfuseProcessorMixin(ProcessorMixin):
         """Vocabulary ids that make up image spans; truncation must not cut through them."""
         raise NotImplementedError
 
+    def known_token_id(self, token: str, argument: str) -> int:
+        """Return the tokenizer's id for `token`, passed as `argument`; raise ValueError if it has none."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"The tokenizer does not know the {argument.replace('_', ' ')} {token!r} (argument `{argument}`); "
+                f"add it with `tokenizer.add_special_tokens({{'additional_special_tokens': [{token!r}]}})`."
+            )
+        return token_id
+
     def _split_images_per_text(self, texts, images):
         counts = [text.count(self.image_token) for text in texts]
         flat_images = flatten_images(images)
