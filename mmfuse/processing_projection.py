@@ -32,12 +32,7 @@ class MmfuseProjectionProcessor(MmfuseProcessorMixin):
         self.num_image_tokens = int(num_image_tokens)
         self.image_token = image_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
-        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(
-                f"The tokenizer does not know the image token {image_token!r}; add it with "
-                f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}})`."
-            )
+        self.image_token_id = self.known_token_id(image_token, "image_token")
 
     def image_replacement(self) -> str:
         return self.image_token * self.num_image_tokens

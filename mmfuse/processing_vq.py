@@ -41,16 +41,9 @@ class MmfuseVQProcessor(MmfuseProcessorMixin):
         self.boi_token = boi_token
         self.eoi_token = eoi_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-        token_ids = []
-        for token in (image_token, boi_token, eoi_token):
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == self.tokenizer.unk_token_id:
-                raise ValueError(
-                    f"The tokenizer does not know the token {token!r}; add it with "
-                    f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{token!r}]}})`."
-                )
-            token_ids.append(token_id)
-        self.image_token_id, self.boi_token_id, self.eoi_token_id = token_ids
+        self.image_token_id = self.known_token_id(image_token, "image_token")
+        self.boi_token_id = self.known_token_id(boi_token, "boi_token")
+        self.eoi_token_id = self.known_token_id(eoi_token, "eoi_token")
 
     def image_replacement(self) -> str:
         return self.boi_token + self.image_token * self.num_codes + self.eoi_token
