@@ -243,7 +243,7 @@ def test_compose_gguf_language_model(part_folders, tmp_path, capsys, monkeypatch
         return language_model, copy.deepcopy(tokenizer), info
 
     monkeypatch.setattr(compose_command, "load_language_source", load_cached)
-    output = tmp_path / "model"
+    output = tmp_path / "smollm2-clip"
     assert (
         compose("--vision", str(part_folders / "vision"), "--language-gguf", SMOLLM2_GGUF, "--output", str(output))
         == 0
@@ -259,4 +259,14 @@ def test_compose_gguf_language_model(part_folders, tmp_path, capsys, monkeypatch
         generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     answer = processor.tokenizer.decode(generated[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     assert answer.startswith("The capital of France is Paris")
-    assert "| language model | `llama` |" in (output / "README.md").read_text()
+
+    # The card names the GGUF file first; its `general.name` is a training-run label, shown beside it.
+    assert info.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert info.gguf_name == "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    card = (output / "README.md").read_text().splitlines()
+    assert "# smollm2-clip" in card
+    assert (
+        "| language model | `llama` | SmolLM2-135M-Instruct.Q4_1.gguf (GGUF name: Smollm2 135M 8k Lc100K Mix1 Ep2) "
+        "| apache-2.0 |"
+    ) in card
+    assert "Licence: unknown, because no licence is recorded for the vision tower." in "\n".join(card)

@@ -86,7 +86,7 @@ def run(args) -> int:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         with open(f"{staging}/README.md", "w", encoding="utf-8") as handle:
-            handle.write(build_model_card(model.config, repo_id=args.push_to_hub, sources=sources))
+            handle.write(build_model_card(model.config, repo_id=args.push_to_hub, sources=sources, folder=args.output))
 
     print(format_summary(model, args.output, sources))
     if args.push_to_hub:

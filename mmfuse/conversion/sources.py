@@ -266,8 +266,9 @@ def load_gguf_language_model(path: str) -> tuple:
     model = load_pretrained(AutoModelForCausalLM, folder, "GGUF language model", gguf_file=name)
     info = SourceInfo(
         "language model",
-        metadata.get("general.name") or name,
+        name,
         model.config.model_type,
         metadata.get("general.license"),
+        gguf_name=metadata.get("general.name"),
     )
     return model.eval(), tokenizer, info
