@@ -15,7 +15,7 @@ from mmfuse.conversion.idefics import convert_config, convert_model
 from mmfuse.modeling_cross_attention import media_location_mask
 
 from .builders import cross_attention_interval, model_sizes, resampler_sizes
-from .measure import PeakMemory, decode_step_timing, format_timing, format_value, plain_table
+from .measure import PeakMemory, alternate, decode_step_seconds, format_timing, format_value, plain_table
 
 IMAGE_COUNTS = (1, 4, 16)
 TINY_IMAGE_COUNTS = (1, 2)
@@ -110,11 +110,12 @@ def run(settings, output_dir: str) -> dict:
     for num_images in TINY_IMAGE_COUNTS if settings.tiny else IMAGE_COUNTS:
         mmfuse_inputs, idefics_inputs = prompts(model.config, num_images)
         mmfuse_memory, idefics_memory = PeakMemory(), PeakMemory()
-        mmfuse_decode = decode_step_timing(
-            model, mmfuse_inputs, settings.decode_steps, settings.repeats, peak_memory=mmfuse_memory
-        )
-        idefics_decode = decode_step_timing(
-            idefics, idefics_inputs, settings.decode_steps, settings.repeats, peak_memory=idefics_memory
+        mmfuse_decode, idefics_decode = alternate(
+            [
+                decode_step_seconds(model, mmfuse_inputs, settings.decode_steps, peak_memory=mmfuse_memory),
+                decode_step_seconds(idefics, idefics_inputs, settings.decode_steps, peak_memory=idefics_memory),
+            ],
+            settings.repeats,
         )
         results["rows"].append(
             {

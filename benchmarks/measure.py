@@ -70,21 +70,34 @@ class DecodeStepTimer(LogitsProcessor):
         return [later - earlier for earlier, later in zip(self.stamps, self.stamps[1:])]
 
 
-def decode_step_timing(
-    model, inputs: dict, new_tokens: int, repeats: int = 5, warmup: int = 1, peak_memory=None, **generate_kwargs
-):
-    """Time the decode steps of greedy `generate` calls of `new_tokens` tokens, the prefill excluded.
+def call_seconds(function):
+    """Wrap `function` into a measurement: a function that calls it once and returns the seconds it took."""
 
-    Each repetition is one `generate` call; its figure is the median gap between decode steps. The
-    returned `Timing` is the median, min and max of those per-call medians, in seconds per token.
-    A `PeakMemory` given as `peak_memory` measures the first warm-up call, which is not timed.
+    def measure() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return measure
+
+
+def decode_step_seconds(model, inputs: dict, new_tokens: int, peak_memory=None, **generate_kwargs):
+    """Wrap a greedy `generate` of `new_tokens` tokens into a measurement of its median decode step, in seconds.
+
+    A `PeakMemory` given as `peak_memory` measures the first call only, which `alternate` makes a warm-up.
     """
     if new_tokens < 2:
         raise ValueError(f"new_tokens={new_tokens} leaves no decode step to time; use at least 2.")
-    per_call = []
-    for index in range(warmup + repeats):
+    calls = []
+
+    def measure() -> float:
         timer = DecodeStepTimer()
-        measure_memory = peak_memory is not None and index == 0 and warmup > 0
+        measure_memory = peak_memory is not None and not calls
+        calls.append(None)
         with peak_memory if measure_memory else contextlib.nullcontext(), torch.no_grad():
             model.generate(
                 **inputs,
@@ -94,9 +107,29 @@ def decode_step_timing(
                 logits_processor=LogitsProcessorList([timer]),
                 **generate_kwargs,
             )
-        if index >= warmup:
-            per_call.append(statistics.median(timer.step_seconds()))
-    return timing_from_samples(per_call)
+        return statistics.median(timer.step_seconds())
+
+    return measure
+
+
+def alternate(measurements: list, repeats: int = 5, warmup: int = 1) -> list:
+    """Run measurements in alternating order and return one `Timing` per measurement.
+
+    Each measurement runs `warmup` times unrecorded, then `repeats` rounds follow. Odd rounds run the
+    measurements in reverse order, so that a change of load on a shared machine hits all of them alike
+    and their ratios stay meaningful.
+    """
+    for _ in range(warmup):
+        for measure in measurements:
+            measure()
+    samples = [[] for _ in measurements]
+    for round_index in range(repeats):
+        order = list(range(len(measurements)))
+        if round_index % 2:
+            order.reverse()
+        for index in order:
+            samples[index].append(measurements[index]())
+    return [timing_from_samples(values) for values in samples]
 
 
 def cache_bytes(cache) -> int:

@@ -1,7 +1,7 @@
 """Decode overhead of each fusion type against the bare LM at the same context length."""
 
 from .builders import BUILDERS, build_language_model, prompt_inputs, text_inputs
-from .measure import decode_step_timing, format_timing, plain_table
+from .measure import alternate, decode_step_seconds, format_timing, plain_table
 
 
 def run(settings, output_dir: str) -> dict:
@@ -13,10 +13,12 @@ def run(settings, output_dir: str) -> dict:
         model = build(settings.tiny)
         inputs = prompt_inputs(model, num_images=1)
         context_length = int(inputs["input_ids"].shape[1])
-        fused = decode_step_timing(model, inputs, settings.decode_steps, settings.repeats)
-        # The bare LM runs right after the fusion model, so both see the same load on a shared machine.
-        bare = decode_step_timing(
-            language_model, text_inputs(context_length, vocab_size), settings.decode_steps, settings.repeats
+        fused, bare = alternate(
+            [
+                decode_step_seconds(model, inputs, settings.decode_steps),
+                decode_step_seconds(language_model, text_inputs(context_length, vocab_size), settings.decode_steps),
+            ],
+            settings.repeats,
         )
         results["rows"].append(
             {

@@ -6,7 +6,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from mmfuse import MmfuseProjectionConfig, MmfuseProjectionForConditionalGeneration
 
 from .builders import model_sizes, prompt_inputs
-from .measure import PeakMemory, decode_step_timing, markdown_table, row, time_call, value_row
+from .measure import PeakMemory, alternate, call_seconds, decode_step_seconds, markdown_table, row, value_row
 
 
 def build_models(tiny: bool):
@@ -61,18 +61,29 @@ def run(settings, output_dir: str) -> dict:
     }
 
     single = prompt_inputs(model, num_images=1, batch_size=1)
-    mmfuse_prefill = time_call(prefill_call(model, single), repeats=repeats)
-    llava_prefill = time_call(prefill_call(llava, single), repeats=repeats)
+    mmfuse_prefill, llava_prefill = alternate(
+        [call_seconds(prefill_call(model, single)), call_seconds(prefill_call(llava, single))], repeats
+    )
     results["rows"].append(row("prefill, batch 1", mmfuse_prefill, llava_prefill))
 
-    mmfuse_decode = decode_step_timing(model, single, settings.decode_steps, repeats)
-    llava_decode = decode_step_timing(llava, single, settings.decode_steps, repeats)
+    mmfuse_decode, llava_decode = alternate(
+        [
+            decode_step_seconds(model, single, settings.decode_steps),
+            decode_step_seconds(llava, single, settings.decode_steps),
+        ],
+        repeats,
+    )
     results["rows"].append(row("decode step, batch 1", mmfuse_decode, llava_decode))
 
     for batch_size in (1, 8):
         inputs = prompt_inputs(model, num_images=1, batch_size=batch_size)
-        mmfuse_time = time_call(generate_call(model, inputs, new_tokens), repeats=repeats)
-        llava_time = time_call(generate_call(llava, inputs, new_tokens), repeats=repeats)
+        mmfuse_time, llava_time = alternate(
+            [
+                call_seconds(generate_call(model, inputs, new_tokens)),
+                call_seconds(generate_call(llava, inputs, new_tokens)),
+            ],
+            repeats,
+        )
         results["rows"].append(row(f"generate {new_tokens} tokens, batch {batch_size}", mmfuse_time, llava_time))
 
     with PeakMemory() as mmfuse_memory:

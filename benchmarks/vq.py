@@ -8,7 +8,7 @@ from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
 from mmfuse.conversion.chameleon_vq import convert_chameleon_vqvae
 
 from .builders import build_language_model, build_vq, prompt_inputs, text_inputs, vqgan_sizes
-from .measure import markdown_table, row, time_call, value_row
+from .measure import alternate, call_seconds, markdown_table, row, value_row
 
 
 def build_tokenizers(tiny: bool) -> tuple:
@@ -29,15 +29,6 @@ def build_tokenizers(tiny: bool) -> tuple:
     return convert_chameleon_vqvae(chameleon), chameleon
 
 
-def image_generation_timing(model, inputs: dict, repeats: int):
-    """Seconds per call of greedy `generate_images` (one image span per prompt, pixels decoded)."""
-
-    def call():
-        model.generate_images(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=False)
-
-    return time_call(call, repeats=repeats)
-
-
 def run(settings, output_dir: str) -> dict:
     mmfuse_tokenizer, chameleon = build_tokenizers(settings.tiny)
     batch_size = 8
@@ -47,8 +38,13 @@ def run(settings, output_dir: str) -> dict:
     with torch.no_grad():
         mmfuse_codes = mmfuse_tokenizer.encode(pixel_values)
         chameleon_codes = chameleon.encode(pixel_values).image_tokens.view(mmfuse_codes.shape)
-        mmfuse_encode = time_call(functools.partial(mmfuse_tokenizer.encode, pixel_values), repeats=settings.repeats)
-        chameleon_encode = time_call(functools.partial(chameleon.encode, pixel_values), repeats=settings.repeats)
+        mmfuse_encode, chameleon_encode = alternate(
+            [
+                call_seconds(functools.partial(mmfuse_tokenizer.encode, pixel_values)),
+                call_seconds(functools.partial(chameleon.encode, pixel_values)),
+            ],
+            settings.repeats,
+        )
     results = {
         "batch_size": batch_size,
         "resolution": size,
@@ -71,9 +67,11 @@ def run(settings, output_dir: str) -> dict:
     model = build_vq(settings.tiny)
     inputs = prompt_inputs(model, num_images=0)
     span_length = model.config.image_span_length
-    generation = image_generation_timing(model, inputs, settings.repeats)
     language_model = build_language_model(settings.tiny)
     lm_inputs = text_inputs(inputs["input_ids"].shape[1], language_model.config.vocab_size)
+
+    def generate_image():
+        model.generate_images(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=False)
 
     def generate_text():
         with torch.no_grad():
@@ -81,7 +79,9 @@ def run(settings, output_dir: str) -> dict:
                 **lm_inputs, max_new_tokens=span_length, min_new_tokens=span_length, do_sample=False
             )
 
-    text_generation = time_call(generate_text, repeats=settings.repeats)
+    generation, text_generation = alternate(
+        [call_seconds(generate_image), call_seconds(generate_text)], settings.repeats
+    )
     results["span_length"] = span_length
     results["generation"] = {
         "image": generation.as_dict(),
