@@ -213,6 +213,10 @@ class MmfuseProcessorMixin(ProcessorMixin):
         """Vocabulary ids that make up image spans; truncation must not cut through them."""
         raise NotImplementedError
 
+    def expand_image_placeholders(self, text: str) -> str:
+        """Replace each `image_token` in `text` with `image_replacement()`."""
+        return text.replace(self.image_token, self.image_replacement())
+
     def known_token_id(self, token: str, argument: str) -> int:
         """Return the tokenizer's id for `token`, passed as `argument`; raise ValueError if it has none."""
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -266,8 +270,7 @@ class MmfuseProcessorMixin(ProcessorMixin):
         for key in ("images_kwargs", "text_kwargs", "common_kwargs"):
             kwargs.pop(key, None)
 
-        replacement = self.image_replacement()
-        expanded = [text.replace(self.image_token, replacement) for text in texts]
+        expanded = [self.expand_image_placeholders(text) for text in texts]
         encoded = self.tokenizer(expanded, add_special_tokens=add_special_tokens, padding=False, truncation=False)
         input_ids = [list(ids) for ids in encoded["input_ids"]]
         if truncation and max_length is not None:

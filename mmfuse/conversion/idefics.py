@@ -1,25 +1,34 @@
 """Convert a transformers Idefics folder into an mmfuse_cross_attention folder.
 
-The input is a folder written by `IdeficsForVisionText2Text.save_pretrained`. The output holds
-the same weights as an mmfuse_cross_attention model: the Idefics vision transformer becomes a
-CLIP vision tower, its Perceiver resampler and gated cross-attention layers map one to one, and
-its decoder becomes a Llama LM. Idefics options without a counterpart are rejected by name.
-Nothing is written unless the converted model reproduces the source's fp32 logits within
---tolerance and its greedy tokens exactly.
+The input is a folder written by `IdeficsForVisionText2Text.save_pretrained`, normally with the
+`IdeficsProcessor` saved beside it. The output holds the same weights as an mmfuse_cross_attention
+model: the Idefics vision transformer becomes a CLIP vision tower, its Perceiver resampler and
+gated cross-attention layers map one to one, and its decoder becomes a Llama LM. The processor
+becomes an `MmfuseCrossAttentionProcessor` with the same tokenizer, chat template, image tokens
+and image preprocessing. Idefics options without a counterpart are rejected by name. Nothing is
+written unless the converted processor encodes a test prompt into the same token ids and pixel
+values, and the converted model reproduces the source's fp32 logits within --tolerance and its
+greedy tokens exactly.
 """
 
+import copy
 import os
 
 import torch
-from transformers import AutoTokenizer, IdeficsForVisionText2Text
+from transformers import AutoProcessor, AutoTokenizer, IdeficsForVisionText2Text
 from transformers.utils import logging
 
 from ..cli import CommandError
 from ..configuration_cross_attention import MmfuseCrossAttentionConfig
+from ..modeling_common import TRANSFORMERS_MAJOR
 from ..modeling_cross_attention import MmfuseCrossAttentionForConditionalGeneration, media_location_mask
+from ..processing_common import MmfuseImageProcessor
+from ..processing_cross_attention import MmfuseCrossAttentionProcessor
+from .llava import image_processor_from_clip
 from .output import atomic_output_dir, check_output_dir
 from .parity import (
     FP32_LOAD_KWARGS,
+    PIL_BACKEND_KWARGS,
     add_parity_arguments,
     compare_outputs,
     load_strictly,
@@ -27,11 +36,16 @@ from .parity import (
     model_outputs,
     read_checkpoint,
     require_folder,
+    synthetic_images,
 )
 
 logger = logging.get_logger(__name__)
 
 PARITY_SEQUENCE = (5, 7, None, 11, 13, 17, None, 19, 23)  # None marks an image
+# The tokens IdeficsProcessor writes around images, as transformers 4.57 and 5.25 define them.
+IMAGE_TOKEN = "<image>"
+IMAGE_BOUNDARY_TOKEN = "<fake_token_around_image>"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def reject_unsupported(config) -> None:
@@ -216,6 +230,109 @@ def find_image_token_id(folder: str, image_token_id: int | None) -> int:
     )
 
 
+def load_source_processor(folder: str):
+    """Load the `IdeficsProcessor` saved in `folder` with its PIL image backend, or return None if there is none."""
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in PROCESSOR_FILES):
+        logger.warning(
+            f"{folder} contains no IdeficsProcessor ({' or '.join(PROCESSOR_FILES)}), so the converted folder "
+            "gets no processor and AutoProcessor and pipelines cannot load it; save the IdeficsProcessor "
+            "into the input folder to convert it as well."
+        )
+        return None
+    try:
+        processor = AutoProcessor.from_pretrained(folder, **PIL_BACKEND_KWARGS)
+    except (OSError, ValueError, TypeError) as error:
+        raise CommandError(
+            f"could not load the Idefics processor from {folder}: {str(error).splitlines()[0]}; "
+            "save the IdeficsProcessor into the same folder."
+        ) from error
+    if type(processor).__name__ != "IdeficsProcessor":
+        raise CommandError(
+            f"{folder} contains a {type(processor).__name__}, expected an IdeficsProcessor; "
+            "save the IdeficsProcessor into the same folder."
+        )
+    return processor
+
+
+def image_processor_from_idefics(source, image_size: int) -> MmfuseImageProcessor:
+    """Build an `MmfuseImageProcessor` that gives the pixel values of Idefics' PIL image backend.
+
+    Idefics stretches every image to a square (no crop), converts it to RGB on a white
+    background, rescales by 1/255 and normalizes, as MmfuseImageProcessor does.
+    """
+    if getattr(source, "size", None) is None:
+        # transformers 4.x's IdeficsImageProcessor has only `image_size` and always resizes bicubic.
+        source = copy.copy(source)
+        source.size = {"height": source.image_size, "width": source.image_size}
+    # NOTE: transformers 5 gives IdeficsImageProcessor a torchvision backend, its default wherever
+    # torchvision is installed, and its bicubic resize differs slightly from PIL's. The converted
+    # processor reproduces the PIL backend (and transformers 4.x) exactly, the torchvision one not.
+    if TRANSFORMERS_MAJOR >= 5:
+        logger.warning(
+            "The converted image processor resizes with PIL, like IdeficsImageProcessorPil and transformers 4.x; "
+            "where the source used transformers 5's torchvision backend, pixel values differ slightly."
+        )
+    return image_processor_from_clip(source, image_size)
+
+
+def convert_processor(source_processor, config: MmfuseCrossAttentionConfig) -> MmfuseCrossAttentionProcessor:
+    tokenizer = source_processor.tokenizer
+    for token in (IMAGE_TOKEN, IMAGE_BOUNDARY_TOKEN):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise CommandError(
+                f"the Idefics tokenizer has no token {token!r}, which IdeficsProcessor writes around every "
+                "image; the source folder is incomplete."
+            )
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_token_id != config.image_token_id:
+        raise CommandError(
+            f"the tokenizer maps {IMAGE_TOKEN!r} to id {image_token_id}, but the image token id is "
+            f"{config.image_token_id} (--image-token-id); drop the option or pass {image_token_id}."
+        )
+    image_processor = image_processor_from_idefics(source_processor.image_processor, config.vision_config.image_size)
+    tokenizer.padding_side = "left"  # batched generation appends to the right end of every row
+    return MmfuseCrossAttentionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=source_processor.chat_template or tokenizer.chat_template,
+        image_token=IMAGE_TOKEN,
+        image_boundary_token=IMAGE_BOUNDARY_TOKEN,
+    )
+
+
+def check_processor_parity(source_processor, processor, tolerance: float) -> tuple:
+    """Encode one prompt with three images with both processors and compare token ids and pixel values.
+
+    Returns `(source_inputs, converted_inputs)`, each in its model's layout.
+    """
+    images = synthetic_images(2 * processor.image_processor.size + 1, count=3)
+    # IdeficsProcessor takes a list of text and image items; it strips spaces around text items.
+    items = ["User:", images[0], images[1], "What is in the pictures?", images[2], "Assistant:"]
+    text = "".join(item if isinstance(item, str) else processor.image_token for item in items)
+    source_inputs = dict(source_processor(text=[items], return_tensors="pt"))
+    converted_inputs = dict(processor(text=text, images=images, return_tensors="pt"))
+
+    source_ids = source_inputs["input_ids"]
+    converted_ids = converted_inputs["input_ids"]
+    if source_ids.shape != converted_ids.shape or not torch.equal(source_ids, converted_ids):
+        tokenizer = processor.tokenizer
+        raise CommandError(
+            f"parity check failed: the converted processor encodes the test prompt into "
+            f"{tokenizer.convert_ids_to_tokens(converted_ids[0])}, the IdeficsProcessor into "
+            f"{tokenizer.convert_ids_to_tokens(source_ids[0])}. IdeficsProcessor writes the BOS token as text, "
+            "so the converted processor matches it only with a tokenizer that adds BOS itself. Nothing was written."
+        )
+    source_pixels = source_inputs["pixel_values"][0, : len(images)]
+    pixel_difference = float((source_pixels - converted_inputs["pixel_values"]).abs().max())
+    if not pixel_difference <= tolerance:
+        raise CommandError(
+            f"parity check failed: pixel values differ from the IdeficsProcessor's by up to "
+            f"{pixel_difference:.3e} (tolerance {tolerance:.1e}); nothing was written."
+        )
+    return source_inputs, converted_inputs
+
+
 def add_arguments(parser) -> None:
     add_parity_arguments(parser)
     parser.add_argument(
@@ -232,12 +349,21 @@ def run(args) -> int:
     source_model = IdeficsForVisionText2Text.from_pretrained(args.input, **FP32_LOAD_KWARGS).eval()
     source_config = source_model.config
     reject_unsupported(source_config)
-    image_token_id = find_image_token_id(args.input, args.image_token_id)
+    source_processor = load_source_processor(args.input)
+    if source_processor is not None and args.image_token_id is None:
+        image_token_id = source_processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    else:
+        image_token_id = find_image_token_id(args.input, args.image_token_id)
 
     config = convert_config(source_config, image_token_id)
     model, source_dtype = convert_model(args.input, config, source_config)
 
-    source_inputs, converted_inputs = parity_inputs(config, source_config.vision_config.image_size)
+    processor = None
+    if source_processor is None:
+        source_inputs, converted_inputs = parity_inputs(config, source_config.vision_config.image_size)
+    else:
+        processor = convert_processor(source_processor, config)
+        source_inputs, converted_inputs = check_processor_parity(source_processor, processor, args.tolerance)
     pad_token_id = source_config.pad_token_id
     reference = model_outputs(source_model, source_inputs, args.max_new_tokens, pad_token_id)
     converted = model_outputs(model, converted_inputs, args.max_new_tokens, pad_token_id)
@@ -245,7 +371,9 @@ def run(args) -> int:
 
     with atomic_output_dir(args.output, args.overwrite) as staging:
         model.to(source_dtype).save_pretrained(staging)
-        if os.path.isfile(os.path.join(args.input, "tokenizer_config.json")):
+        if processor is not None:
+            processor.save_pretrained(staging)
+        elif os.path.isfile(os.path.join(args.input, "tokenizer_config.json")):
             AutoTokenizer.from_pretrained(args.input).save_pretrained(staging)
     print(
         f"Wrote {args.output} (mmfuse_cross_attention, {source_dtype}). Parity: max logit difference "
