@@ -150,6 +150,22 @@ def save_source_with_processor(folder) -> tuple:
     return model, processor
 
 
+def test_rejects_tokenizer_without_bos(tmp_path, capsys):
+    """IdeficsProcessor writes BOS as text, so a tokenizer that does not add it gives other token ids."""
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, IMAGE_BOUNDARY_TOKEN]})
+    save_source(tmp_path / "idefics", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    processor = IdeficsProcessor(image_processor=IdeficsImageProcessor(image_size=30), tokenizer=tokenizer)
+    processor.save_pretrained(tmp_path / "idefics")
+    output = tmp_path / "converted"
+
+    status = main(["convert", "idefics", "--input", str(tmp_path / "idefics"), "--output", str(output)])
+
+    assert status == 1
+    assert "adds BOS itself" in capsys.readouterr().err
+    assert not output.exists()
+
+
 @pytest.fixture(scope="module")
 def converted_idefics(tmp_path_factory):
     """Return `(source_model, source_processor, converted_folder)` for one conversion shared by the tests below."""
