@@ -350,6 +350,26 @@ class MmfuseLMHeadMixin:
         labels = mask_ignored_labels(labels, input_ids, attention_mask, self.config.image_token_id)
         return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
 
+    def compute_supervised_lm_loss(self, hidden_states, labels, input_ids, attention_mask) -> tuple:
+        """Return `(logits, loss)` with the LM head run only at the positions whose next token counts in the loss.
+
+        The loss equals `compute_lm_loss(compute_lm_logits(hidden_states), ...)`, but prompt, image
+        and padding positions skip the `hidden_size x vocab_size` head, which dominates the cost of
+        short supervised answers. `logits` is `[num_supervised, vocab_size]`, the positions where
+        `labels[:, 1:]` counts, in row-major order.
+        """
+        labels = mask_ignored_labels(labels, input_ids, attention_mask, self.config.image_token_id)
+        shift_labels = labels[:, 1:]
+        supervised = shift_labels != -100
+        logits = self.compute_lm_logits(hidden_states[:, :-1][supervised])
+        loss = self.loss_function(
+            logits=logits,
+            labels=None,
+            vocab_size=self.config.text_config.vocab_size,
+            shift_labels=shift_labels[supervised],
+        )
+        return logits, loss
+
 
 __all__ = [
     "CACHE_FIELD",

@@ -273,6 +273,7 @@ class MmfuseProjectionForConditionalGeneration(MmfuseLMHeadMixin, MmfuseProjecti
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
         vision_features: torch.FloatTensor | None = None,
+        supervised_logits_only: bool = False,
         **kwargs,
     ) -> MmfuseCausalLMOutputWithPast:
         """
@@ -283,9 +284,12 @@ class MmfuseProjectionForConditionalGeneration(MmfuseLMHeadMixin, MmfuseProjecti
                 output used instead of `pixel_values` (see `get_vision_features`).
             labels: `[batch_size, seq_len]`; positions of image tokens, of padding (attention mask 0)
                 and with value -100 do not count in the loss.
+            supervised_logits_only: with `labels`, run the LM head only where a label counts in the
+                loss (the same loss, computed faster; training uses it).
 
         Returns:
-            `MmfuseCausalLMOutputWithPast` with `logits` `[batch_size, seq_len, vocab_size]`.
+            `MmfuseCausalLMOutputWithPast` with `logits` `[batch_size, seq_len, vocab_size]`, or
+            `[num_supervised, vocab_size]` when `supervised_logits_only` is set with `labels`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -300,10 +304,15 @@ class MmfuseProjectionForConditionalGeneration(MmfuseLMHeadMixin, MmfuseProjecti
             **kwargs,
         )
 
-        logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
         loss = None
-        if labels is not None:
-            loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
+        if labels is not None and supervised_logits_only:
+            logits, loss = self.compute_supervised_lm_loss(
+                outputs.last_hidden_state, labels, input_ids, attention_mask
+            )
+        else:
+            logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
+            if labels is not None:
+                loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
 
         return MmfuseCausalLMOutputWithPast(
             loss=loss,

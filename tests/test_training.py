@@ -115,6 +115,40 @@ def test_loss_counts_only_answer_tokens(tiny_projection):
     assert int(keep.sum()) < int(batch["attention_mask"].sum()) // 5
 
 
+def test_supervised_logits_same_loss_and_gradients(tiny_projection):
+    model, processor = tiny_projection
+    batch = VisionTextCollator(processor)(colour_examples(3))
+    batch.pop("image_ids")
+    prepare_model_for_stage(model, "connector")
+    projector = model.multi_modal_projector.linear_1.weight
+
+    full = model(**batch)
+    (full_gradient,) = torch.autograd.grad(full.loss, projector)
+    supervised = model(**batch, supervised_logits_only=True)
+    (supervised_gradient,) = torch.autograd.grad(supervised.loss, projector)
+
+    torch.testing.assert_close(supervised.loss, full.loss)
+    torch.testing.assert_close(supervised_gradient, full_gradient)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    assert supervised.logits.shape == (int(keep.sum()), full.logits.shape[-1])
+    torch.testing.assert_close(supervised.logits, full.logits[:, :-1][keep])
+
+
+def test_trainer_requests_supervised_logits(tiny_projection, tmp_path):
+    model, processor = tiny_projection
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("supervised_logits_only")), with_kwargs=True
+    )
+    trainer = build_trainer(model, processor, colour_examples(4), str(tmp_path), max_steps=2, batch_size=2)
+    trainer.train()
+    assert seen == [True, True]
+    # Outside training the forward gets full logits, as callers of `model(...)` expect.
+    trainer.model.eval()
+    inputs = trainer._prepare_inputs(VisionTextCollator(processor)(colour_examples(2)))
+    assert "supervised_logits_only" not in inputs
+
+
 def test_vision_features_match_pixel_values(tiny_projection):
     model, processor = tiny_projection
     batch = VisionTextCollator(processor)(colour_examples(2))

@@ -12,6 +12,7 @@ The vision tower stays frozen in every stage unless `train_vision_tower=True`. W
 its outputs are cached per image (`VisionFeatureCache`) for models that support it.
 """
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,11 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def accepts_argument(model: torch.nn.Module, name: str) -> bool:
+    """True when the forward of the mmfuse model inside `model`'s wrappers has a parameter `name`."""
+    return name in inspect.signature(unwrap_model(model).forward).parameters
+
+
 class LossProgressCallback(ProgressCallback):
     """transformers' progress bar, with the latest training loss shown next to it."""
 
@@ -153,6 +159,9 @@ class MmfuseTrainer(Trainer):
     def _prepare_inputs(self, inputs: dict) -> dict:
         inputs = super()._prepare_inputs(inputs)
         image_ids = inputs.pop("image_ids", None)
+        if self.model.training and "labels" in inputs and accepts_argument(self.model, "supervised_logits_only"):
+            # Training reads only the loss, so the LM head runs at the answer positions alone.
+            inputs["supervised_logits_only"] = True
         if self.feature_cache is not None and inputs.get("pixel_values") is not None:
             model = unwrap_model(self.model)
             pixel_values = inputs.pop("pixel_values")
