@@ -72,7 +72,7 @@ def source_label(source: SourceInfo) -> str:
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether a source name is a Hub repository id rather than a local folder or file."""
+    """Return True when a source name is a Hub repository id rather than a local folder or file."""
     return "/" in name and not name.startswith(("/", ".")) and not os.path.exists(name)
 
 
