@@ -37,7 +37,8 @@ def test_context_rows_grow_with_images(output_dir):
     for fusion_type in ("projection", "cross_attention", "vq"):
         entries = [entry for entry in rows if entry["fusion_type"] == fusion_type]
         lengths = [entry["context_length"] for entry in entries]
-        assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths)
+        assert lengths == sorted(lengths)
+        assert len(set(lengths)) == len(lengths)
         assert all(entry["kv_cache_bytes"] > 0 for entry in entries)
     assert all(entry["image_cache_bytes"] > 0 for entry in rows if entry["fusion_type"] == "cross_attention")
 
