@@ -14,6 +14,7 @@ from mmfuse.demo.run import (
     DemoSettings,
     PretrainedParts,
     TimeBudgetCallback,
+    choose_num_threads,
     compose_fusion,
     measure_decode_ms_per_token,
     run_demo,
@@ -56,6 +57,8 @@ def tiny_settings(tmp_path, **overrides) -> DemoSettings:
         "eval_questions": 6,
         "lora_fraction": 0.5,
         "show_progress": False,
+        # The tiny CLIP tower has a 5x5 patch grid, which pixel_shuffle's 2x2 blocks cannot divide.
+        "projector_type": "mlp2x_gelu",
     }
     values.update(overrides)
     return DemoSettings(**values)
@@ -154,6 +157,18 @@ def test_demo_command_reports_invalid_option(capsys):
     error = capsys.readouterr().err.strip()
     assert status == 1
     assert error.startswith("mmfuse demo: error: lora_fraction=1.5 is invalid")
+
+
+def test_threads_follow_free_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert choose_num_threads(0) == 3
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert choose_num_threads(0) == 1
+    assert choose_num_threads(2) == 2
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert choose_num_threads(0) == 4
 
 
 def test_decode_speed_is_positive(tiny_projection):
