@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import config_from_dict
-from tiny import build_tokenizer, text_config, vision_config, vqgan_config
+from tiny import EASY_VQA_VQGAN, build_tokenizer, text_config, vision_config, vqgan_config
 from transformers import AutoModel, AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
 
 from mmfuse import cli
@@ -20,6 +20,7 @@ from mmfuse.demo.run import (
     run_demo,
     training_stages,
 )
+from mmfuse.demo.text_to_image import TextToImageSettings
 from mmfuse.training.trainer import connector_modules
 
 pytest.importorskip("easy_vqa")
@@ -46,6 +47,15 @@ def tiny_parts() -> PretrainedParts:
         vision_name="tiny CLIP",
         language_name="tiny Llama",
         vqgan_factory=tiny_vqgan,
+        text_to_image_settings=TextToImageSettings(
+            vqgan_config=EASY_VQA_VQGAN,
+            vqgan_batch_size=4,
+            trainable_layers=1,
+            seeds_per_prompt=1,
+            checker_images=8,
+            max_train_images=16,
+            show_progress=False,
+        ),
     )
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import config_from_dict
 from PIL import Image
+from tiny import EASY_VQA_VQGAN as TINY_VQGAN
 from tiny import build_tokenizer, text_config
 from transformers import AutoModelForCausalLM
 
@@ -18,19 +19,6 @@ from mmfuse.demo.text_to_image import (  # noqa: E402
     prompt_for,
     run_text_to_image,
 )
-
-# 64 px easy-VQA images at downsample 16: a 4x4 grid of codes.
-TINY_VQGAN = {
-    "resolution": 64,
-    "base_channels": 8,
-    "channel_multipliers": [1, 1, 1, 1, 1],
-    "num_res_blocks": 1,
-    "attn_resolutions": [],
-    "norm_num_groups": 4,
-    "latent_channels": 5,
-    "embed_dim": 5,
-    "codebook_size": 37,
-}
 
 
 @pytest.fixture(scope="module")

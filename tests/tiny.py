@@ -125,3 +125,17 @@ def vqgan_config(**overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+# 64 px easy-VQA images at downsample 16: a 4x4 grid of codes.
+EASY_VQA_VQGAN = {
+    "resolution": 64,
+    "base_channels": 8,
+    "channel_multipliers": [1, 1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "norm_num_groups": 4,
+    "latent_channels": 5,
+    "embed_dim": 5,
+    "codebook_size": 37,
+}
