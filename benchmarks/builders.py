@@ -63,7 +63,7 @@ def vqgan_sizes(tiny: bool) -> dict:
 
 
 def build_language_model(tiny: bool):
-    """The bare LM of every fusion model, in eval mode."""
+    """Build the bare LM of every fusion model, in eval mode."""
     torch.manual_seed(0)
     config = MmfuseProjectionConfig(text_config=model_sizes(tiny)["text"]).text_config
     return AutoModelForCausalLM.from_config(config).eval()
@@ -98,7 +98,7 @@ def build_cross_attention(tiny: bool) -> MmfuseCrossAttentionForConditionalGener
 
 
 def build_vq(tiny: bool) -> MmfuseVQForConditionalGeneration:
-    """A VQ-token model whose vocabulary is the text vocabulary, three special tokens and the codebook."""
+    """Build a VQ-token model whose vocabulary is the text vocabulary, three special tokens and the codebook."""
     sizes = model_sizes(tiny)
     vqgan = vqgan_sizes(tiny)
     text = dict(sizes["text"])

@@ -150,7 +150,7 @@ def ratio(numerator: Timing, denominator: Timing) -> float:
 
 
 def row(measure: str, mmfuse_timing, reference_timing) -> dict:
-    """A table row from two timings: medians in seconds, min-max ranges and their ratio."""
+    """Build a table row from two timings: medians in seconds, min-max ranges and their ratio."""
     return {
         "measure": measure,
         "unit": "s",
@@ -163,7 +163,7 @@ def row(measure: str, mmfuse_timing, reference_timing) -> dict:
 
 
 def value_row(measure: str, unit: str, mmfuse_value: float, reference_value: float) -> dict:
-    """A table row from two derived values (no repetition range of their own)."""
+    """Build a table row from two derived values, which have no repetition range of their own."""
     ratio_value = mmfuse_value / reference_value if reference_value else float("nan")
     return {
         "measure": measure,

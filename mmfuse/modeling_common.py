@@ -83,7 +83,7 @@ class MmfusePreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         if TRANSFORMERS_MAJOR < 5 and "key_mapping" not in kwargs:
             # A folder written by 5.x stores CLIP/SigLIP towers without the `vision_model.` level
-            # that 4.x expects; without this renaming 4.x would warn and use a random tower.
+            # that 4.x expects. Without this renaming, 4.x would warn and use a random tower.
             config = kwargs.get("config")
             if not isinstance(config, cls.config_class):
                 config = cls.config_class.from_pretrained(
@@ -178,7 +178,7 @@ def output_cache(outputs):
 
 
 def has_cached_tokens(cache) -> bool:
-    """True once a KV cache holds at least one position, i.e. after the prefill step."""
+    """Return True once a KV cache contains at least one position, that is after the prefill step."""
     if cache is None:
         return False
     if hasattr(cache, "get_seq_length"):

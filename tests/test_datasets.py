@@ -96,7 +96,7 @@ def test_read_idx_rejects_bad_files(tmp_path):
         read_idx(tmp_path / "magic.gz")
     with gzip.open(tmp_path / "short.gz", "wb") as file:
         file.write(bytes([0, 0, 0x08, 1, 0, 0, 0, 4, 7, 7]))
-    with pytest.raises(ValueError, match=r"declares shape \(4,\) \(4 bytes\) but holds 2 bytes"):
+    with pytest.raises(ValueError, match=r"declares shape \(4,\) \(4 bytes\) but contains 2 bytes"):
         read_idx(tmp_path / "short.gz")
 
 

@@ -52,7 +52,7 @@ LANGUAGE_MODEL_KEY_TABLE = (
     (r"model\.norm\.", "model.language_model.norm."),
     (r"lm_head\.", "lm_head."),
 )
-# Chameleon's processor rescales by 0.0078 and normalises with mean 1 and std 1 unless its config says otherwise.
+# Chameleon's processor rescales by 0.0078 and normalises with mean 1 and std 1 unless its config sets other values.
 DEFAULT_PIXEL_TRANSFORM = {"rescale_factor": 0.0078, "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0]}
 
 
@@ -64,7 +64,7 @@ def load_source(folder: str):
         raise CommandError(f"could not read the config in {folder}: {str(error).splitlines()[0]}") from error
     if config.model_type != "chameleon":
         raise CommandError(
-            f"{folder} holds a model of type {config.model_type!r}, expected 'chameleon'; "
+            f"{folder} contains a model of type {config.model_type!r}, expected 'chameleon'; "
             "pass a folder written by ChameleonForConditionalGeneration.save_pretrained."
         )
     if not config.vocabulary_map:

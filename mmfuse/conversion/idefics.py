@@ -1,7 +1,7 @@
 """Convert a transformers Idefics folder into an mmfuse_cross_attention folder.
 
 The input is a folder written by `IdeficsForVisionText2Text.save_pretrained`, normally with the
-`IdeficsProcessor` saved beside it. The output holds the same weights as an mmfuse_cross_attention
+`IdeficsProcessor` saved beside it. The output contains the same weights as an mmfuse_cross_attention
 model: the Idefics vision transformer becomes a CLIP vision tower, its Perceiver resampler and
 gated cross-attention layers map one to one, and its decoder becomes a Llama LM. The processor
 becomes an `MmfuseCrossAttentionProcessor` with the same tokenizer, chat template, image tokens

@@ -37,7 +37,7 @@ class ParityError(CommandError):
 
 @dataclass
 class ModelOutputs:
-    """What a parity check compares: logits on fixed inputs and the greedy continuation."""
+    """Outputs a parity check compares: logits on fixed inputs and the greedy continuation."""
 
     logits: torch.Tensor  # [batch_size, seq_len, vocab_size], fp32
     new_tokens: list = field(default_factory=list)  # one list of generated token ids per prompt

@@ -120,7 +120,7 @@ def read_idx(path: str) -> np.ndarray:
     offset = 4 + 4 * num_dims
     expected = int(np.prod(shape))
     if len(data) - offset != expected:
-        raise ValueError(f"{path} declares shape {shape} ({expected} bytes) but holds {len(data) - offset} bytes.")
+        raise ValueError(f"{path} declares shape {shape} ({expected} bytes) but contains {len(data) - offset} bytes.")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 

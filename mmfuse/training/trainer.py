@@ -171,7 +171,7 @@ class MmfuseTrainer(Trainer):
 
 @dataclass
 class TrainingResult:
-    """What `train` returns: the trained (LoRA-merged) model and the figures a report needs."""
+    """Result of `train`: the trained (LoRA-merged) model and the figures a report needs."""
 
     model: torch.nn.Module
     trainer: MmfuseTrainer
@@ -186,7 +186,7 @@ def checkpointing_arguments(enabled: bool) -> dict:
     """Return the `TrainingArguments` fields that switch gradient checkpointing on, or none."""
     if not enabled:
         return {}
-    # transformers 5.25 renamed `gradient_checkpointing` to `activation_checkpointing`; 4.57 knows only the old name.
+    # transformers 5.25 renamed `gradient_checkpointing` to `activation_checkpointing`; 4.57 accepts only the old name.
     prefix = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
     return {f"{prefix}_checkpointing": True, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
