@@ -571,6 +571,7 @@ class MmfuseCrossAttentionForConditionalGeneration(
         logits_to_keep: int | torch.Tensor = 0,
         image_cache: MmfuseImageCache | None = None,
         cache=None,
+        supervised_logits_only: bool = False,
         **kwargs,
     ) -> MmfuseCrossAttentionCausalLMOutputWithPast:
         """
@@ -579,9 +580,12 @@ class MmfuseCrossAttentionForConditionalGeneration(
             pixel_values: `[num_images, num_channels, height, width]`.
             labels: `[batch_size, seq_len]`; image markers, padding (attention mask 0) and -100 do not count.
             image_cache: reuse the image keys and values of an earlier call on the same prompts.
+            supervised_logits_only: with `labels`, run the LM head only where a label counts in the
+                loss (the same loss, computed faster; training uses it).
 
         Returns:
-            `MmfuseCrossAttentionCausalLMOutputWithPast` with `logits` `[batch_size, seq_len, vocab_size]`.
+            `MmfuseCrossAttentionCausalLMOutputWithPast` with `logits` `[batch_size, seq_len, vocab_size]`,
+            or `[num_supervised, vocab_size]` when `supervised_logits_only` is set with `labels`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -596,10 +600,15 @@ class MmfuseCrossAttentionForConditionalGeneration(
             **kwargs,
         )
 
-        logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
         loss = None
-        if labels is not None:
-            loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
+        if labels is not None and supervised_logits_only:
+            logits, loss = self.compute_supervised_lm_loss(
+                outputs.last_hidden_state, labels, input_ids, attention_mask
+            )
+        else:
+            logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
+            if labels is not None:
+                loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
 
         return MmfuseCrossAttentionCausalLMOutputWithPast(
             loss=loss,

@@ -399,6 +399,7 @@ class MmfuseVQForConditionalGeneration(MmfuseLMHeadMixin, MmfuseVQPreTrainedMode
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
+        supervised_logits_only: bool = False,
         **kwargs,
     ) -> MmfuseCausalLMOutputWithPast:
         """
@@ -409,10 +410,13 @@ class MmfuseVQForConditionalGeneration(MmfuseLMHeadMixin, MmfuseVQPreTrainedMode
                 Placeholder ids in `labels` stand for the image tokens of the image at that position, so labels
                 that keep the image span train image generation, and labels with -100 there (the processor's
                 `labels_mode="understanding"`) train image understanding.
+            supervised_logits_only: with `labels`, run the LM head only where a label counts in the
+                loss (the same loss, computed faster; training uses it).
 
         Returns:
             `MmfuseCausalLMOutputWithPast` with `logits` `[batch_size, seq_len, vocab_size]`, where
-            `vocab_size` counts the text tokens and the `codebook_size` image tokens.
+            `vocab_size` counts the text tokens and the `codebook_size` image tokens; with
+            `supervised_logits_only` and `labels`, `[num_supervised, vocab_size]`.
         """
         if pixel_values is not None:
             input_ids = self.model.merge_image_tokens(input_ids, pixel_values)
@@ -427,13 +431,18 @@ class MmfuseVQForConditionalGeneration(MmfuseLMHeadMixin, MmfuseVQPreTrainedMode
             **kwargs,
         )
 
-        logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
         loss = None
-        if labels is not None:
-            if input_ids is not None and self.config.image_token_id is not None:
-                is_placeholder = labels == self.config.image_token_id
-                labels = torch.where(is_placeholder, input_ids.to(labels.device), labels)
-            loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
+        if labels is not None and input_ids is not None and self.config.image_token_id is not None:
+            is_placeholder = labels == self.config.image_token_id
+            labels = torch.where(is_placeholder, input_ids.to(labels.device), labels)
+        if labels is not None and supervised_logits_only:
+            logits, loss = self.compute_supervised_lm_loss(
+                outputs.last_hidden_state, labels, input_ids, attention_mask
+            )
+        else:
+            logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
+            if labels is not None:
+                loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
 
         return MmfuseCausalLMOutputWithPast(
             loss=loss,

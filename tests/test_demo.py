@@ -1,10 +1,12 @@
 """The demo pipeline on tiny random models and real easy-VQA images (the real weights are never loaded here)."""
 
 import json
+import time
 
 import pytest
 import torch
 from conftest import config_from_dict
+from PIL import Image
 from tiny import EASY_VQA_VQGAN, build_tokenizer, text_config, vision_config, vqgan_config
 from transformers import AutoModel, AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
 
@@ -15,12 +17,15 @@ from mmfuse.demo.run import (
     PretrainedParts,
     TimeBudgetCallback,
     choose_num_threads,
+    choose_precision,
     compose_fusion,
+    measure_busy_cores,
     measure_decode_ms_per_token,
     run_demo,
     training_stages,
 )
 from mmfuse.demo.text_to_image import TextToImageSettings
+from mmfuse.training.data import VisionTextCollator
 from mmfuse.training.trainer import connector_modules
 
 pytest.importorskip("easy_vqa")
@@ -130,6 +135,31 @@ def test_demo_all_fusions_compare(tmp_path):
         assert f"| {fusion} |" in table
 
 
+@pytest.mark.parametrize("fusion", ["projection", "cross_attention", "vq"])
+def test_supervised_logits_same_loss_and_gradients(fusion, tmp_path):
+    settings = tiny_settings(tmp_path)
+    model, processor = compose_fusion(fusion, tiny_parts(), settings, str(tmp_path / "work"))
+    items = [
+        {"image": Image.new("RGB", (40, 30), colour), "image_id": None, "prompt": prompt, "answer": answer}
+        for colour, prompt, answer in [("red", "What color is it?", "red"), ("blue", "Is it blue?", "yes")]
+    ]
+    batch = VisionTextCollator(processor)(items)
+    batch.pop("image_ids")
+    parameters = [parameter for module in connector_modules(model).values() for parameter in module.parameters()]
+
+    full = model(**batch)
+    full_gradients = torch.autograd.grad(full.loss, parameters, allow_unused=True)
+    supervised = model(**batch, supervised_logits_only=True)
+    supervised_gradients = torch.autograd.grad(supervised.loss, parameters, allow_unused=True)
+
+    torch.testing.assert_close(supervised.loss, full.loss)
+    for supervised_gradient, full_gradient in zip(supervised_gradients, full_gradients):
+        torch.testing.assert_close(supervised_gradient, full_gradient)
+    keep = batch["labels"][:, 1:] != -100
+    assert supervised.logits.shape == (int(keep.sum()), full.logits.shape[-1])
+    torch.testing.assert_close(supervised.logits, full.logits[:, :-1][keep])
+
+
 def test_time_budget_callback_stops_training():
     arguments = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
     spent, fresh = TimeBudgetCallback(0.0), TimeBudgetCallback(3600.0)
@@ -172,13 +202,53 @@ def test_demo_command_reports_invalid_option(capsys):
 def test_threads_follow_free_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr("os.getloadavg", lambda: (1.2, 0.0, 0.0))
+    monkeypatch.setattr("mmfuse.demo.run.measure_busy_cores", lambda: 1.2)
     assert choose_num_threads(0) == 3
-    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr("mmfuse.demo.run.measure_busy_cores", lambda: 3.9)
     assert choose_num_threads(0) == 1
     assert choose_num_threads(2) == 2
-    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    # Without /proc/stat the load average stands in.
+    monkeypatch.setattr("mmfuse.demo.run.measure_busy_cores", lambda: None)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.4, 0.0, 0.0))
     assert choose_num_threads(0) == 4
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert choose_num_threads(0) == 4
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.isfile("/proc/stat"):
+        pytest.skip("needs /proc/stat")
+    idle = measure_busy_cores(0.3)
+    assert 0.0 <= idle <= os.cpu_count()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        busy = measure_busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # One spinning process keeps about one core busy, whatever else the machine runs.
+    assert busy >= 0.7
+
+
+def test_precision_choice(monkeypatch, tmp_path):
+    assert choose_precision("fp32") == "fp32"
+    assert choose_precision("bf16") == "bf16"
+    assert choose_precision("auto") in ("bf16", "fp32")
+    with pytest.raises(ValueError, match=r"precision='fp8' is invalid; use one of \('auto', 'bf16', 'fp32'\)"):
+        tiny_settings(tmp_path, precision="fp8")
+
+
+def test_demo_records_precision(tmp_path):
+    settings = tiny_settings(tmp_path, precision="bf16", budget_seconds=3, eval_questions=2, lora_fraction=0.0)
+    metrics = run_demo(settings, tiny_parts())
+    assert metrics["settings"]["precision"] == "bf16"
+    assert "- training precision: bf16" in (tmp_path / "results" / "metrics.md").read_text()
 
 
 def test_decode_speed_is_positive(tiny_projection):

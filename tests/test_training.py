@@ -12,6 +12,7 @@ from mmfuse.training.trainer import (
     build_trainer,
     connector_modules,
     count_parameters,
+    finish_training,
     prepare_model_for_stage,
     train,
 )
@@ -147,6 +148,27 @@ def test_trainer_requests_supervised_logits(tiny_projection, tmp_path):
     trainer.model.eval()
     inputs = trainer._prepare_inputs(VisionTextCollator(processor)(colour_examples(2)))
     assert "supervised_logits_only" not in inputs
+
+
+def test_bf16_training_autocasts_and_leaves_float32_model(tiny_projection, tmp_path):
+    model, processor = tiny_projection
+    autocast_seen = []
+    model.language_model.register_forward_pre_hook(
+        lambda module, args: autocast_seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    trainer = build_trainer(model, processor, colour_examples(4), str(tmp_path), max_steps=2, batch_size=2, bf16=True)
+    trainer.train()
+    assert autocast_seen == [True, True]
+
+    trained = finish_training(trainer, processor, None)
+    trained.eval()
+    batch = VisionTextCollator(processor)(colour_examples(2))
+    batch.pop("image_ids")
+    outputs = trained(**batch)
+    # The autocast wrapper is gone: inference after training runs in float32.
+    assert autocast_seen[-1] is False
+    assert outputs.logits.dtype == torch.float32
+    assert all(parameter.dtype == torch.float32 for parameter in trained.parameters())
 
 
 def test_vision_features_match_pixel_values(tiny_projection):

@@ -35,6 +35,7 @@ def format_metrics_table(metrics: dict) -> str:
         f"- command: `{settings['command']}`",
         f"- machine: {settings['machine']}",
         f"- vision tower: {settings['vision']}; language model: {settings['language']}",
+        f"- training precision: {settings.get('precision', 'fp32')} (evaluation in fp32)",
         f"- training budget per fusion type: {settings['budget_seconds']:.0f} s; "
         f"easy-VQA test questions scored: {settings['eval_questions']}",
         "",

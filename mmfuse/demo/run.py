@@ -18,6 +18,10 @@ Choices that keep a 20-minute CPU budget:
   dominates the budget.
 - Training runs the LM head only at the answer positions (`supervised_logits_only`), and the
   torch thread count follows the free cores (`choose_num_threads`).
+- On CPUs with bfloat16 instructions (AVX512-BF16 or AMX), training runs under bfloat16 autocast
+  with float32 weights and optimizer state (`choose_precision`). A training step of the LM with a
+  frozen base took 0.66 s instead of 1.04 s at 1 thread, and 0.41 s instead of 0.58 s at 2.
+  Evaluation runs in float32.
 - The chat template is SmolLM2's ChatML without its default system prompt, which would add
   about 20 tokens to every training row.
 - The learning rate schedule is constant after a short warm-up, because the number of steps
@@ -25,6 +29,7 @@ Choices that keep a 20-minute CPU budget:
 """
 
 import copy
+import dataclasses
 import importlib.util
 import os
 import platform
@@ -66,6 +71,9 @@ EXAMPLE_QUESTIONS = ("What color is the shape?", "What shape is in the image?", 
 PHOTO_LOADERS = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket"}
 NUM_EASY_VQA_EXAMPLES = 3
 DECODE_SPEED_TOKENS = 32
+PRECISIONS = ("auto", "bf16", "fp32")
+# /proc/cpuinfo flags of the instructions that make bfloat16 matrix products faster than float32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @dataclass
@@ -87,6 +95,9 @@ class DemoSettings:
     projector_type: str = "pixel_shuffle"
     # torch threads; 0 picks them from the free cores (see `choose_num_threads`).
     threads: int = 0
+    # "bf16" trains under bfloat16 autocast, "fp32" without it; "auto" picks bf16 where the CPU has
+    # bfloat16 instructions or the GPU supports it (see `choose_precision`).
+    precision: str = "auto"
     connector_learning_rate: float = 2e-3
     lora_learning_rate: float = 3e-4
     # The vq connector stage trains the whole embedding matrix, text rows included, so it learns slower.
@@ -100,6 +111,8 @@ class DemoSettings:
     def __post_init__(self):
         if self.fusion not in FUSION_TYPES + ("all",):
             raise ValueError(f"fusion={self.fusion!r} is invalid; use one of {FUSION_TYPES + ('all',)}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is invalid; use one of {PRECISIONS}.")
         for name in ("reserve_fraction", "lora_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid; pass a fraction in [0, 1).")
@@ -283,6 +296,7 @@ def train_in_stages(model, processor, dataset, stages: list, settings: DemoSetti
             lr_scheduler_type="constant_with_warmup",
             warmup_steps=10,
             disable_tqdm=not settings.show_progress,
+            bf16=choose_precision(settings.precision) == "bf16",
         )
         if feature_cache is not None and trainer.feature_cache is not None:
             trainer.feature_cache = feature_cache  # the frozen tower's outputs stay valid across stages
@@ -441,19 +455,20 @@ def context_tokens_per_image(config) -> int:
     return tokens_per_image(config)
 
 
-def run_text_to_image(output_dir: str, budget_seconds: float, parts: PretrainedParts) -> dict | None:
+def run_text_to_image(output_dir: str, budget_seconds: float, parts: PretrainedParts, bf16: bool) -> dict | None:
     """Run VQ text-to-image with the demo's LM where `mmfuse.demo.text_to_image` exists; None otherwise."""
     if importlib.util.find_spec("mmfuse.demo.text_to_image") is None:
         logger.warning("mmfuse.demo.text_to_image not found; the text-to-image column shows 'not run'.")
         return None
     from . import text_to_image
 
+    settings = dataclasses.replace(parts.text_to_image_settings or text_to_image.TextToImageSettings(), bf16=bf16)
     return text_to_image.run_text_to_image(
         output_dir,
         budget_seconds,
         language_model=parts.language_model,
         tokenizer=parts.tokenizer,
-        settings=parts.text_to_image_settings,
+        settings=settings,
         language_name=parts.language_name,
         chat_template=CHAT_TEMPLATE,
     )
@@ -472,6 +487,31 @@ def describe_machine() -> str:
     )
 
 
+def measure_busy_cores(interval: float = 0.5) -> float | None:
+    """Return how many cores other processes kept busy over `interval` seconds, from `/proc/stat`; None elsewhere.
+
+    The load average is a poor guide on an idle 2-core machine: kernel threads keep it near 1 while
+    both cores are free, and it trails what runs now by minutes.
+    """
+
+    def read_times():
+        with open("/proc/stat", encoding="utf-8") as file:
+            values = [int(value) for value in file.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle and iowait
+        return sum(values[:8]), idle
+
+    try:
+        total_before, idle_before = read_times()
+        time.sleep(interval)
+        total_after, idle_after = read_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total_after - total_before
+    if total <= 0:
+        return None
+    return (1 - (idle_after - idle_before) / total) * (os.cpu_count() or 1)
+
+
 def choose_num_threads(requested: int) -> int:
     """Return the torch thread count: `requested`, or with 0 the cores that other processes leave free.
 
@@ -479,15 +519,31 @@ def choose_num_threads(requested: int) -> int:
     cores busy, a descheduled thread stalls every parallel operation of the others: on 2 cores
     with a load average of 9, one training step of the default demo took 3.6 s with 1 thread and
     19.6 s with 2. `OMP_WAIT_POLICY=PASSIVE` (set before Python starts) avoids the stall, so
-    with it every core is used.
+    with it every core is used, but on an idle machine it made a step 1.7 times slower.
     """
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or not hasattr(os, "getloadavg"):
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         return cores
-    free_cores = int(cores - os.getloadavg()[0] + 0.5)
-    return max(1, min(cores, free_cores))
+    busy = measure_busy_cores()
+    if busy is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def choose_precision(precision: str) -> str:
+    """Return "bf16" or "fp32" for a `DemoSettings.precision`; "auto" picks bf16 where it is fast."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+    except OSError:
+        return "fp32"
+    return "bf16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "fp32"
 
 
 def run_demo(settings: DemoSettings, parts: PretrainedParts | None = None) -> dict:
@@ -518,7 +574,10 @@ def run_demo_with_threads(settings: DemoSettings, parts: PretrainedParts | None)
         rows[fusion], losses[fusion], answers[fusion] = run_fusion(fusion, parts, settings, examples)
     if "vq" in fusions:
         text_to_image = run_text_to_image(
-            os.path.join(settings.output_dir, "text_to_image"), settings.budget_seconds, parts
+            os.path.join(settings.output_dir, "text_to_image"),
+            settings.budget_seconds,
+            parts,
+            bf16=choose_precision(settings.precision) == "bf16",
         )
         if text_to_image is not None:
             rows["vq"]["text_to_image"] = text_to_image
@@ -528,6 +587,7 @@ def run_demo_with_threads(settings: DemoSettings, parts: PretrainedParts | None)
         "settings": {
             **asdict(settings),
             "machine": machine,
+            "precision": choose_precision(settings.precision),
             "vision": parts.vision_name,
             "language": parts.language_name,
             "load_seconds": load_seconds,
@@ -587,6 +647,12 @@ def add_arguments(parser):
         default=0,
         help="torch threads; 0 uses the cores that the load average leaves free (all with OMP_WAIT_POLICY=PASSIVE).",
     )
+    parser.add_argument(
+        "--precision",
+        default=DemoSettings.precision,
+        choices=PRECISIONS,
+        help="Training precision: bf16 autocast, fp32, or auto (bf16 where the CPU has bfloat16 instructions).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the connector weights and the data order.")
 
 
@@ -604,6 +670,7 @@ def run(args) -> int:
             batch_size=args.batch_size,
             projector_type=args.projector_type,
             threads=args.threads,
+            precision=args.precision,
             eval_questions=args.eval_questions,
             fashion_mnist_captions=args.fashion_mnist,
             seed=args.seed,
@@ -617,4 +684,12 @@ def run(args) -> int:
     return 0 if metrics["fusions"] else 1
 
 
-__all__ = ["DemoSettings", "PretrainedParts", "TimeBudgetCallback", "load_real_parts", "run_demo"]
+__all__ = [
+    "DemoSettings",
+    "choose_num_threads",
+    "choose_precision",
+    "PretrainedParts",
+    "TimeBudgetCallback",
+    "load_real_parts",
+    "run_demo",
+]

@@ -84,6 +84,8 @@ class TextToImageSettings:
     checker_images: int | None = None
     # Labelled easy-VQA train images used for the VQ-GAN and the LM; None uses all 3,578.
     max_train_images: int | None = None
+    # Train the LM under bfloat16 autocast (float32 weights); the VQ-GAN always trains in float32.
+    bf16: bool = False
     seed: int = 0
     show_progress: bool = True
 
@@ -270,7 +272,8 @@ def train_language_model(model, rows: list, pad_token_id: int, seconds: float, s
             order += torch.randperm(len(rows), generator=generator).tolist()
         batch = collate([rows[index] for index in order[: settings.batch_size]], pad_token_id)
         order = order[settings.batch_size :]
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            loss = model(**batch, supervised_logits_only=True).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

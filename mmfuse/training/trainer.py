@@ -284,7 +284,8 @@ def finish_training(trainer: MmfuseTrainer, processor, output_dir: str | None) -
 
     In a multi-process run every process merges, the main process writes, and all wait for it.
     """
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    # Without `keep_fp32_wrapper=False`, a mixed-precision run leaves the forward wrapped in autocast.
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if output_dir is not None:
