@@ -129,7 +129,7 @@ def test_demo_all_fusions_compare(tmp_path):
     assert rows["cross_attention"]["tokens_per_image"] == 1
     # The tiny VQ-GAN turns 24 px images into 6x6 codes, framed by begin- and end-of-image tokens.
     assert rows["vq"]["tokens_per_image"] == 36 + 2
-    assert [stage["stage"] for stage in rows["vq"]["stages"]] == ["connector"]
+    assert [stage["stage"] for stage in rows["vq"]["stages"]] == ["connector", "lora"]
     table = (tmp_path / "results" / "metrics.md").read_text()
     for fusion in rows:
         assert f"| {fusion} |" in table
@@ -178,7 +178,9 @@ def test_training_stages_split_budget():
     stages = training_stages("projection", 100.0, settings)
     assert [(stage, seconds) for stage, seconds, _ in stages] == [("connector", 75.0), ("lora", 25.0)]
     assert stages[0][2] == settings.connector_learning_rate
-    assert [stage for stage, _, _ in training_stages("vq", 100.0, settings)] == ["connector"]
+    vq_stages = training_stages("vq", 100.0, settings)
+    assert [stage for stage, _, _ in vq_stages] == ["connector", "lora"]
+    assert {rate for _, _, rate in vq_stages} == {settings.vq_learning_rate}
     no_lora = training_stages("cross_attention", 100.0, DemoSettings(lora_fraction=0.0))
     assert [(stage, seconds) for stage, seconds, _ in no_lora] == [("connector", 100.0)]
 

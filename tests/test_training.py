@@ -2,8 +2,9 @@ import os
 
 import pytest
 import torch
+from conftest import config_from_dict
 from PIL import Image
-from transformers import AutoModelForImageTextToText, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, TrainerCallback
 
 from mmfuse.training.data import IGNORE_INDEX, EasyVQADataset, VisionTextCollator
 from mmfuse.training.feature_cache import VisionFeatureCache, supports_feature_cache
@@ -169,6 +170,34 @@ def test_bf16_training_autocasts_and_leaves_float32_model(tiny_projection, tmp_p
     assert autocast_seen[-1] is False
     assert outputs.logits.dtype == torch.float32
     assert all(parameter.dtype == torch.float32 for parameter in trained.parameters())
+
+
+def test_lora_stage_keeps_tied_embeddings_tied(tokenizer, tmp_path):
+    from tiny import text_config, vqgan_config
+
+    from mmfuse.compose import compose_vq
+    from mmfuse.configuration_vqgan import MmfuseVQGANConfig
+    from mmfuse.modeling_vqgan import MmfuseVQGANModel
+
+    torch.manual_seed(0)
+    language_model = AutoModelForCausalLM.from_config(
+        config_from_dict(text_config(vocab_size=len(tokenizer), tie_word_embeddings=True))
+    )
+    model, processor = compose_vq(MmfuseVQGANModel(MmfuseVQGANConfig(**vqgan_config())), language_model, tokenizer)
+    # The VQ type has no connector module: its image rows live in the (tied) embeddings and LM head.
+    model.connector_modules = lambda: [model.get_input_embeddings(), model.get_output_embeddings()]
+    before = model.get_input_embeddings().weight.detach().clone()
+
+    trainer = build_trainer(
+        model, processor, colour_examples(4), str(tmp_path), stage="lora", max_steps=2, batch_size=2
+    )
+    trainer.train()
+    trained = finish_training(trainer, processor, None)
+
+    embeddings = trained.get_input_embeddings().weight
+    assert embeddings.data_ptr() == trained.get_output_embeddings().weight.data_ptr()
+    assert not torch.equal(embeddings, before)
+    assert not any("lora_" in name for name, _ in trained.named_parameters())
 
 
 def test_vision_features_match_pixel_values(tiny_projection):

@@ -266,14 +266,17 @@ class TimeBudgetCallback(TrainerCallback):
 
 
 def training_stages(fusion: str, seconds: float, settings: DemoSettings) -> list:
-    """Return `[(stage, seconds, learning_rate)]`: connector then lora; vq trains its vocabulary rows only."""
-    if fusion == "vq":
-        # NOTE: no lora stage for vq, because peft's modules_to_save on tied embeddings is untested here.
-        return [("connector", seconds, settings.vq_learning_rate)]
+    """Return `[(stage, seconds, learning_rate)]`: connector, then lora for `lora_fraction` of `seconds`.
+
+    The vq type's connector is its whole (tied) embedding matrix, text rows included, so both of its
+    stages use the lower `vq_learning_rate`.
+    """
+    connector_rate = settings.vq_learning_rate if fusion == "vq" else settings.connector_learning_rate
+    lora_rate = settings.vq_learning_rate if fusion == "vq" else settings.lora_learning_rate
     lora_seconds = seconds * settings.lora_fraction
-    stages = [("connector", seconds - lora_seconds, settings.connector_learning_rate)]
+    stages = [("connector", seconds - lora_seconds, connector_rate)]
     if lora_seconds > 0:
-        stages.append(("lora", lora_seconds, settings.lora_learning_rate))
+        stages.append(("lora", lora_seconds, lora_rate))
     return stages
 
 

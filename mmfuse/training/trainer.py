@@ -100,6 +100,7 @@ def prepare_model_for_stage(
         from peft import LoraConfig, get_peft_model
 
         lora_config = LoraConfig(
+            **weight_tying_arguments(model, connectors, LoraConfig),
             r=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
@@ -115,6 +116,28 @@ def prepare_model_for_stage(
     trainable, total = count_parameters(model)
     logger.info(f"Stage {stage!r}: {trainable:,} of {total:,} parameters are trainable.")
     return model
+
+
+def weight_tying_arguments(model: torch.nn.Module, connectors: dict, lora_config_class) -> dict:
+    """Return the `LoraConfig` arguments that keep tied input and output embeddings tied while both train.
+
+    peft copies each module of `modules_to_save`, so two connectors that share one weight (the VQ
+    type's tied embeddings and LM head) would each get a copy and drift apart.
+    `ensure_weight_tying=True` makes peft tie the copies.
+    """
+    shared = {}
+    for name, module in connectors.items():
+        for parameter in module.parameters(recurse=True):
+            shared.setdefault(id(parameter), []).append(name)
+    if not any(len(names) > 1 for names in shared.values()):
+        return {}
+    if "ensure_weight_tying" not in lora_config_class.__dataclass_fields__:
+        tied = next(names for names in shared.values() if len(names) > 1)
+        raise ValueError(
+            f"The connector modules {tied} share a weight, which this peft version would untie in the lora "
+            "stage; upgrade peft to a version whose LoraConfig has `ensure_weight_tying`, or use stage='full'."
+        )
+    return {"ensure_weight_tying": True}
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
