@@ -173,6 +173,37 @@ def test_time_budget_callback_stops_training():
     assert not control.should_training_stop
 
 
+def test_time_budget_callback_decays_learning_rate(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 2))
+    callback = TimeBudgetCallback(10.0, decay_learning_rate=True)
+    arguments = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    callback.on_train_begin(arguments, TrainerState(), TrainerControl(), lr_scheduler=scheduler)
+
+    # Warm-up still applies: after one step the schedule gives 1.0, and 4 of 10 seconds are spent.
+    now[0] = 104.0
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.get_last_lr() == [pytest.approx(0.5 * 1.0 * 0.6)]
+    now[0] = 115.0
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.get_last_lr() == [0.0]
+
+
+def test_time_budget_decay_needs_lambda_scheduler():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([parameter], lr=0.5), step_size=1)
+    arguments = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="decay_learning_rate=True needs a LambdaLR scheduler, not StepLR"):
+        TimeBudgetCallback(10.0, decay_learning_rate=True).on_train_begin(
+            arguments, TrainerState(), TrainerControl(), lr_scheduler=scheduler
+        )
+
+
 def test_training_stages_split_budget():
     settings = DemoSettings(lora_fraction=0.25)
     stages = training_stages("projection", 100.0, settings)
