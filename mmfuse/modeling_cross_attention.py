@@ -388,31 +388,53 @@ class MmfuseCrossAttentionModel(MmfuseCrossAttentionPreTrainedModel):
     def gated_decoder_layers(self) -> list:
         return [module for module in self.language_model.modules() if isinstance(module, MmfuseGatedDecoderLayer)]
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """Encode and resample images.
+    def get_vision_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Run the vision tower and return the resampler's input.
 
         Args:
             pixel_values: `[num_images, num_channels, height, width]`.
 
         Returns:
-            `[num_images, num_latents, hidden_size]` latents, `hidden_size` being the vision feature width.
+            `[num_images, num_patches, vision_feature_size]`. With a frozen vision tower these can be
+            computed once per image and passed to `forward` as `vision_features`.
         """
         drop_cls_token = self.config.vision_feature_select_strategy == "default" and vision_has_cls_token(
             self.config.vision_config
         )
-        image_features = select_vision_features(
+        return select_vision_features(
             self.vision_tower, pixel_values, self.config.vision_feature_layer, drop_cls_token
         )
-        return self.resampler(image_features.to(self.resampler.latents.dtype))
 
-    def build_image_cache(self, pixel_values: torch.FloatTensor, images_per_row: torch.LongTensor):
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor | None = None, vision_features: torch.FloatTensor | None = None
+    ) -> torch.FloatTensor:
+        """Encode and resample images, or resample precomputed vision features.
+
+        Args:
+            pixel_values: `[num_images, num_channels, height, width]`.
+            vision_features: `[num_images, num_patches, vision_feature_size]` from `get_vision_features`;
+                used instead of `pixel_values`.
+
+        Returns:
+            `[num_images, num_latents, hidden_size]` latents, `hidden_size` being the vision feature width.
+        """
+        if vision_features is None:
+            vision_features = self.get_vision_features(pixel_values)
+        return self.resampler(vision_features.to(self.resampler.latents.dtype))
+
+    def build_image_cache(
+        self,
+        pixel_values: torch.FloatTensor | None,
+        images_per_row: torch.LongTensor,
+        vision_features: torch.FloatTensor | None = None,
+    ):
         """Encode the images and compute every block's cross-attention keys and values once.
 
         Returns:
             `(image_cache, latents)` with latents `[batch_size, num_images, num_latents, hidden_size]`,
             rows with fewer images padded with zeros.
         """
-        latents = self.get_image_features(pixel_values)
+        latents = self.get_image_features(pixel_values, vision_features)
         batch_size = images_per_row.shape[0]
         max_images = int(images_per_row.max()) if batch_size else 0
         num_latents, width = latents.shape[1:]
@@ -461,6 +483,7 @@ class MmfuseCrossAttentionModel(MmfuseCrossAttentionPreTrainedModel):
         use_cache: bool | None = None,
         image_cache: MmfuseImageCache | None = None,
         cache=None,
+        vision_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> MmfuseCrossAttentionModelOutputWithPast:
         """
@@ -468,6 +491,8 @@ class MmfuseCrossAttentionModel(MmfuseCrossAttentionPreTrainedModel):
             input_ids: `[batch_size, seq_len]` with one image marker per image.
             pixel_values: `[num_images, num_channels, height, width]`, images in the order of their
                 markers, row by row.
+            vision_features: `[num_images, num_patches, vision_feature_size]`, precomputed vision tower
+                output (`get_vision_features`) used instead of `pixel_values`.
             attention_mask: `[batch_size, seq_len]`, 0 at padding.
             image_cache: the `image_cache` of an earlier output of the same prompts; decode steps
                 pass it instead of `pixel_values`.
@@ -479,18 +504,21 @@ class MmfuseCrossAttentionModel(MmfuseCrossAttentionPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         continues_cache = has_cached_tokens(cache)
 
+        if pixel_values is not None and vision_features is not None:
+            raise ValueError("Pass either `pixel_values` or precomputed `vision_features`, not both.")
+        images = pixel_values if vision_features is None else vision_features
         latents = None
-        if pixel_values is not None:
+        if images is not None:
             if input_ids is None:
-                raise ValueError("`pixel_values` need `input_ids` to locate the image markers; pass `input_ids`.")
+                raise ValueError("Images need `input_ids` to locate the image markers; pass `input_ids`.")
             images_per_row = image_token_mask(input_ids, self.config.image_token_id).sum(dim=1)
-            if int(images_per_row.sum()) != pixel_values.shape[0]:
+            if int(images_per_row.sum()) != images.shape[0]:
                 raise ValueError(
                     f"Images and image markers do not match: markers: {int(images_per_row.sum())}, images: "
-                    f"{pixel_values.shape[0]} (markers per row: {images_per_row.tolist()}). Give exactly one image "
+                    f"{images.shape[0]} (markers per row: {images_per_row.tolist()}). Give exactly one image "
                     f"per `{self.config.image_token}`, in order."
                 )
-            image_cache, latents = self.build_image_cache(pixel_values, images_per_row)
+            image_cache, latents = self.build_image_cache(pixel_values, images_per_row, vision_features)
         elif image_cache is None and input_ids is not None and not continues_cache:
             if self.config.image_token_id is not None:
                 num_markers = int((input_ids == self.config.image_token_id).sum())
@@ -546,9 +574,15 @@ class MmfuseCrossAttentionForConditionalGeneration(
         self.init_lm_head()
         self.post_init()
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """Return resampled latents `[num_images, num_latents, hidden_size]` for `pixel_values`."""
-        return self.model.get_image_features(pixel_values)
+    def get_vision_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Return the resampler's input `[num_images, num_patches, vision_feature_size]` for `pixel_values`."""
+        return self.model.get_vision_features(pixel_values)
+
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor | None = None, vision_features: torch.FloatTensor | None = None
+    ) -> torch.FloatTensor:
+        """Return resampled latents `[num_images, num_latents, vision_feature_size]` for `pixel_values`."""
+        return self.model.get_image_features(pixel_values, vision_features)
 
     @property
     def vision_tower(self):
@@ -571,6 +605,7 @@ class MmfuseCrossAttentionForConditionalGeneration(
         logits_to_keep: int | torch.Tensor = 0,
         image_cache: MmfuseImageCache | None = None,
         cache=None,
+        vision_features: torch.FloatTensor | None = None,
         supervised_logits_only: bool = False,
         **kwargs,
     ) -> MmfuseCrossAttentionCausalLMOutputWithPast:
@@ -580,6 +615,8 @@ class MmfuseCrossAttentionForConditionalGeneration(
             pixel_values: `[num_images, num_channels, height, width]`.
             labels: `[batch_size, seq_len]`; image markers, padding (attention mask 0) and -100 do not count.
             image_cache: reuse the image keys and values of an earlier call on the same prompts.
+            vision_features: `[num_images, num_patches, vision_feature_size]`, precomputed vision tower
+                output (`get_vision_features`) used instead of `pixel_values`.
             supervised_logits_only: with `labels`, run the LM head only where a label counts in the
                 loss (the same loss, computed faster; training uses it).
 
@@ -597,6 +634,7 @@ class MmfuseCrossAttentionForConditionalGeneration(
             use_cache=use_cache,
             image_cache=image_cache,
             cache=cache,
+            vision_features=vision_features,
             **kwargs,
         )
 
@@ -620,14 +658,18 @@ class MmfuseCrossAttentionForConditionalGeneration(
             **{CACHE_FIELD: output_cache(outputs)},
         )
 
-    def prepare_inputs_for_generation(self, *args, pixel_values=None, image_cache=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, *args, pixel_values=None, vision_features=None, image_cache=None, **kwargs
+    ):
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         # Images enter the first step only; later steps reuse their keys and values from `image_cache`.
         if image_cache is None:
             model_inputs["pixel_values"] = pixel_values
+            model_inputs["vision_features"] = vision_features
         else:
             model_inputs["image_cache"] = image_cache
             model_inputs.pop("pixel_values", None)
+            model_inputs.pop("vision_features", None)
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
@@ -639,15 +681,16 @@ class MmfuseCrossAttentionForConditionalGeneration(
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # Images are flat across the batch, so repeating each image would misalign rows with several
         # images: repeat each row's group of images instead.
-        pixel_values = model_kwargs.pop("pixel_values", None)
+        images = {key: model_kwargs.pop(key, None) for key in ("pixel_values", "vision_features")}
         expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
-        if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            images_per_row = image_token_mask(input_ids, self.config.image_token_id).sum(dim=1).tolist()
-            groups = torch.split(pixel_values, images_per_row)
-            pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])
-        model_kwargs["pixel_values"] = pixel_values
+        for key, value in images.items():
+            if value is not None and expand_size > 1 and input_ids is not None:
+                images_per_row = image_token_mask(input_ids, self.config.image_token_id).sum(dim=1).tolist()
+                groups = torch.split(value, images_per_row)
+                value = torch.cat([group for group in groups for _ in range(expand_size)])
+            model_kwargs[key] = value
         return expanded_ids, model_kwargs
 
 

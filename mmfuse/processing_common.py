@@ -83,6 +83,9 @@ class MmfuseImageProcessor(BaseImageProcessor):
 
     Args:
         size (`int`, *optional*, defaults to 224): side of the square output, in pixels.
+        crop_to_square (`bool`, *optional*, defaults to `False`): keep the aspect ratio: resize the
+            shortest edge to `size`, then crop the center `size x size` square, as CLIP's and
+            Chameleon's image processors do. When False, images are stretched to the square.
         resample (`str`, *optional*, defaults to `"bicubic"`): `"nearest"`, `"bilinear"`, `"bicubic"` or `"lanczos"`.
         image_mean / image_std (`list[float]`, *optional*): per-channel normalization, ImageNet's by default.
         do_normalize (`bool`, *optional*, defaults to `True`): when False, pixel values stay in [0, 1].
@@ -100,6 +103,7 @@ class MmfuseImageProcessor(BaseImageProcessor):
         image_std=IMAGENET_STD,
         do_normalize=True,
         background_color=(255, 255, 255),
+        crop_to_square=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -113,11 +117,20 @@ class MmfuseImageProcessor(BaseImageProcessor):
         self.image_std = list(image_std)
         self.do_normalize = do_normalize
         self.background_color = list(background_color)
+        self.crop_to_square = bool(crop_to_square)
 
     def to_dict(self):
         output = {
             key: getattr(self, key)
-            for key in ("size", "resample", "image_mean", "image_std", "do_normalize", "background_color")
+            for key in (
+                "size",
+                "resample",
+                "image_mean",
+                "image_std",
+                "do_normalize",
+                "background_color",
+                "crop_to_square",
+            )
         }
         output["image_processor_type"] = type(self).__name__
         if getattr(self, "_processor_class", None) is not None:
@@ -133,7 +146,9 @@ class MmfuseImageProcessor(BaseImageProcessor):
         if not isinstance(image, Image.Image):
             image = array_to_pil(image)
         image = to_rgb(image, self.background_color)
-        if image.size != (self.size, self.size):
+        if self.crop_to_square:
+            image = self.resize_shortest_edge_and_crop(image)
+        elif image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), resample=RESAMPLE_FILTERS[self.resample])
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         if self.do_normalize:
@@ -141,6 +156,18 @@ class MmfuseImageProcessor(BaseImageProcessor):
                 self.image_std, dtype=np.float32
             )
         return pixels.transpose(2, 0, 1)
+
+    def resize_shortest_edge_and_crop(self, image: Image.Image) -> Image.Image:
+        """Resize the shortest edge to `size` and crop the center square, rounding as transformers' CLIP does."""
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.size * long / short)
+        new_size = (self.size, new_long) if width <= height else (new_long, self.size)
+        if image.size != new_size:
+            image = image.resize(new_size, resample=RESAMPLE_FILTERS[self.resample])
+        left = (new_size[0] - self.size) // 2
+        top = (new_size[1] - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
 
     def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
         """Turn images into `pixel_values` of shape `[num_images, 3, size, size]`."""

@@ -2,8 +2,10 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from subprocess_helpers import run_hub_worker
 from tiny import build_tokenizer
 from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration
@@ -97,6 +99,31 @@ def test_converted_codes_and_logits_match(converted):
     text_columns = torch.ones(logits.shape[-1], dtype=torch.bool)
     text_columns[source.model.vocabulary_mapping.image_tokens] = False
     torch.testing.assert_close(logits[..., text_columns], masked[..., text_columns], rtol=0, atol=1e-4)
+
+
+def test_converted_image_processor_matches_source(tmp_path):
+    try:
+        from transformers.models.chameleon.image_processing_pil_chameleon import ChameleonImageProcessorPil
+    except ImportError:  # transformers 4.x: the slow processor resizes with PIL
+        from transformers import ChameleonImageProcessor as ChameleonImageProcessorPil
+
+    from mmfuse import MmfuseVQProcessor
+
+    build_chameleon(tmp_path / "source", shuffled=False)
+    source = ChameleonImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    source.save_pretrained(tmp_path / "source")
+    assert main(["convert", "chameleon", "--input", str(tmp_path / "source"), "--output", str(tmp_path / "out")]) == 0
+
+    image_processor = MmfuseVQProcessor.from_pretrained(tmp_path / "out").image_processor
+    assert image_processor.crop_to_square
+    assert image_processor.resample == "lanczos"
+    rng = np.random.default_rng(0)
+    for height, width in [(13, 21), (21, 13), (8, 8), (40, 17)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = source(image, return_tensors="pt")["pixel_values"]
+        pixel_values = image_processor(image, return_tensors="pt")["pixel_values"]
+        assert pixel_values.shape == expected.shape == (1, 3, 8, 8)
+        torch.testing.assert_close(pixel_values, expected, rtol=0, atol=1e-5, msg=f"{height}x{width} image")
 
 
 def test_contiguous_image_tokens_store_offset(tmp_path):

@@ -267,9 +267,26 @@ def test_image_processor_mapping():
     clip = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}, resample=0)
     mapped = image_processor_from_clip(clip, image_size=30)
     assert mapped.resample == "nearest"
+    assert mapped.crop_to_square
     images = square_images(71, count=1)
     expected = clip(images, return_tensors="pt")["pixel_values"]
     assert float((mapped(images, return_tensors="pt")["pixel_values"] - expected).abs().max()) <= 1e-6
+
+    # Shortest-edge resize and center crop: identical pixel values for portrait and landscape images too.
+    rng = np.random.default_rng(5)
+    for height, width in [(47, 71), (71, 47), (31, 30), (30, 91)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for resample in (0, 3):
+            source = CLIPImageProcessorPil(
+                size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}, resample=resample
+            )
+            expected = source(image, return_tensors="pt")["pixel_values"]
+            pixel_values = image_processor_from_clip(source, image_size=30)(image, return_tensors="pt")["pixel_values"]
+            assert pixel_values.shape == expected.shape == (1, 3, 30, 30)
+            assert float((pixel_values - expected).abs().max()) <= 1e-6, (height, width, resample)
+
+    stretching = CLIPImageProcessorPil(size={"height": 30, "width": 30}, do_center_crop=False)
+    assert not image_processor_from_clip(stretching, image_size=30).crop_to_square
 
     cropping = CLIPImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 30, "width": 30})
     with pytest.raises(CommandError, match="resizes to 36 px and then crops 30 px"):

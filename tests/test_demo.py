@@ -1,6 +1,7 @@
 """The demo pipeline on tiny random models and real easy-VQA images (the real weights are never loaded here)."""
 
 import json
+import os
 import time
 
 import pytest
@@ -8,7 +9,15 @@ import torch
 from conftest import config_from_dict
 from PIL import Image
 from tiny import EASY_VQA_VQGAN, build_tokenizer, text_config, vision_config, vqgan_config
-from transformers import AutoModel, AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from mmfuse import cli
 from mmfuse.demo import report
@@ -109,11 +118,21 @@ def test_demo_projection_writes_results(tmp_path):
         assert image.read_bytes().startswith(PNG_SIGNATURE)
     assert len(list((results / "images").iterdir())) == 6  # 3 easy-VQA test images and 3 photos
 
+    # The trained model is saved with its processor and reloads through the Auto classes.
+    assert row["model_dir"] == str(results / "model-projection")
+    model = AutoModelForImageTextToText.from_pretrained(row["model_dir"]).eval()
+    processor = AutoProcessor.from_pretrained(row["model_dir"])
+    inputs = processor(text="<image>What color is the shape?", images=Image.new("RGB", (32, 32)), return_tensors="pt")
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape == (1, inputs["input_ids"].shape[1] + 2)
+    assert not [name for name in os.listdir(results) if name.startswith(".model-")]
+
 
 def test_demo_connector_only_skips_lora(tmp_path):
-    settings = tiny_settings(tmp_path, lora_fraction=0.0, budget_seconds=4, eval_questions=2)
+    settings = tiny_settings(tmp_path, lora_fraction=0.0, budget_seconds=4, eval_questions=2, save_models=False)
     row = run_demo(settings, tiny_parts())["fusions"]["projection"]
     assert [stage["stage"] for stage in row["stages"]] == ["connector"]
+    assert row["model_dir"] is None
+    assert not (tmp_path / "results" / "model-projection").exists()
     model, _ = compose_fusion("projection", tiny_parts(), settings, str(tmp_path / "work"))
     connector_parameters = sum(
         parameter.numel() for module in connector_modules(model).values() for parameter in module.parameters()
@@ -158,6 +177,21 @@ def test_supervised_logits_same_loss_and_gradients(fusion, tmp_path):
     keep = batch["labels"][:, 1:] != -100
     assert supervised.logits.shape == (int(keep.sum()), full.logits.shape[-1])
     torch.testing.assert_close(supervised.logits, full.logits[:, :-1][keep])
+
+
+@pytest.mark.slow
+def test_demo_keeps_finished_fusions_on_failure(tmp_path):
+    def failing_vqgan(output_dir, seconds):
+        raise RuntimeError("VQ-GAN training failed")
+
+    parts = tiny_parts()
+    parts.vqgan_factory = failing_vqgan
+    settings = tiny_settings(tmp_path, fusion="all", budget_seconds=3, eval_questions=2, save_models=False)
+    with pytest.raises(RuntimeError, match="VQ-GAN training failed"):
+        run_demo(settings, parts)
+    stored = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert list(stored["fusions"]) == ["projection", "cross_attention"]
+    assert "| cross_attention |" in (tmp_path / "results" / "metrics.md").read_text()
 
 
 def test_time_budget_callback_stops_training():
@@ -250,7 +284,6 @@ def test_threads_follow_free_cores(monkeypatch):
 
 
 def test_busy_cores_sees_a_spinning_process():
-    import os
     import subprocess
     import sys
 

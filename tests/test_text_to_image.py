@@ -34,6 +34,7 @@ def smoke_run(tmp_path_factory):
         seeds_per_prompt=1,
         checker_images=40,
         max_train_images=48,
+        bf16=True,  # the demo's setting on CPUs with bfloat16 instructions
         show_progress=False,
     )
     # One thread: tiny convolutions with two spinning OpenMP threads ran 30x slower on a loaded 2-core machine.

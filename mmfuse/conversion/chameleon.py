@@ -26,7 +26,7 @@ from transformers.utils import logging
 from ..cli import CommandError
 from ..configuration_vq import MmfuseVQConfig
 from ..modeling_vq import MmfuseVQForConditionalGeneration
-from ..processing_common import MmfuseImageProcessor
+from ..processing_common import RESAMPLE_FILTERS, MmfuseImageProcessor
 from ..processing_vq import MmfuseVQProcessor
 from .chameleon_vq import vqgan_config_from_chameleon, vqgan_state_dict_from_chameleon
 from .output import atomic_output_dir, check_output_dir
@@ -53,7 +53,17 @@ LANGUAGE_MODEL_KEY_TABLE = (
     (r"lm_head\.", "lm_head."),
 )
 # Chameleon's processor rescales by 0.0078 and normalises with mean 1 and std 1 unless its config sets other values.
-DEFAULT_PIXEL_TRANSFORM = {"rescale_factor": 0.0078, "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0]}
+# ChameleonImageProcessor's defaults in transformers 4.57 and 5.x: resize the shortest edge to 512 with
+# PIL's LANCZOS filter (1), crop the center 512x512 square, then x * 0.0078 - 1.
+DEFAULT_PIXEL_TRANSFORM = {
+    "rescale_factor": 0.0078,
+    "image_mean": [1.0, 1.0, 1.0],
+    "image_std": [1.0, 1.0, 1.0],
+    "resample": 1,
+    "size": {"shortest_edge": 512},
+    "do_center_crop": True,
+    "crop_size": {"height": 512, "width": 512},
+}
 
 
 def load_source(folder: str):
@@ -159,8 +169,11 @@ def convert_model(folder: str, config: MmfuseVQConfig) -> tuple:
     return model.float().eval(), source_dtype
 
 
+RESAMPLE_NAMES = {value: name for name, value in RESAMPLE_FILTERS.items()}
+
+
 def read_pixel_transform(folder: str) -> dict:
-    """Return Chameleon's `rescale_factor`, `image_mean` and `image_std` from preprocessor_config.json."""
+    """Return Chameleon's image processor settings from preprocessor_config.json, with its defaults for missing ones."""
     transform = dict(DEFAULT_PIXEL_TRANSFORM)
     path = os.path.join(folder, "preprocessor_config.json")
     if os.path.isfile(path):
@@ -175,14 +188,31 @@ def convert_processor(folder: str, tokenizer, config: MmfuseVQConfig) -> MmfuseV
     # (x * rescale - mean) / std equals (x / 255 - mean') / std' with mean' = mean / (255 * rescale) and
     # std' = std / (255 * rescale), so pixel values match Chameleon's for the same resized image.
     scale = 255.0 * transform["rescale_factor"]
+    resample = int(transform["resample"])
+    if resample not in RESAMPLE_NAMES:
+        raise CommandError(
+            f"{folder}/preprocessor_config.json has resample={resample}; MmfuseImageProcessor supports the PIL "
+            f"filters {sorted(RESAMPLE_NAMES)}."
+        )
+    size, crop_size = transform["size"] or {}, transform["crop_size"] or {}
+    keeps_aspect_ratio = "shortest_edge" in size
+    crop_to_square = (
+        keeps_aspect_ratio
+        and bool(transform["do_center_crop"])
+        and size["shortest_edge"] == crop_size.get("height") == crop_size.get("width") == config.image_size
+    )
+    if keeps_aspect_ratio and not crop_to_square:
+        logger.warning(
+            f"The source image processor resizes the shortest edge to {size['shortest_edge']} px with "
+            f"do_center_crop={transform['do_center_crop']} and crop_size={crop_size}; the converted processor "
+            f"stretches images to {config.image_size} px squares, so non-square images get different pixel values."
+        )
     image_processor = MmfuseImageProcessor(
         size=config.image_size,
+        resample=RESAMPLE_NAMES[resample],
         image_mean=[mean / scale for mean in transform["image_mean"]],
         image_std=[std / scale for std in transform["image_std"]],
-    )
-    logger.warning(
-        "Chameleon's image processor resizes the shortest edge and crops the center; the converted processor "
-        "stretches images to a square, so non-square images get different pixel values."
+        crop_to_square=crop_to_square,
     )
     return MmfuseVQProcessor(
         image_processor=image_processor,

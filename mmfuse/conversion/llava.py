@@ -72,18 +72,21 @@ def square_side(size, name: str, processor_name: str) -> int:
 
 
 def image_processor_from_clip(source, image_size: int) -> MmfuseImageProcessor:
-    """Build an `MmfuseImageProcessor` that gives `source`'s pixel values for square images.
+    """Build an `MmfuseImageProcessor` that gives `source`'s pixel values.
 
     `source` is a CLIP-style image processor (resize, optional center crop, rescale by 1/255,
-    normalize). Settings that change the pixel values of a square image in a way
-    MmfuseImageProcessor cannot follow raise `CommandError`.
+    normalize). A shortest-edge resize followed by a center crop of the same side maps to
+    `crop_to_square=True`, which gives identical pixel values for images of any aspect ratio;
+    a `{height, width}` resize maps to the stretching default. Settings that change the pixel
+    values of a square image in a way MmfuseImageProcessor cannot follow raise `CommandError`.
     """
     name = type(source).__name__
     if not getattr(source, "do_resize", True):
         raise CommandError(f"{name} has do_resize=False; MmfuseImageProcessor always resizes to a square.")
     side = square_side(source.size, "size", name)
     crop_size = getattr(source, "crop_size", None)
-    if getattr(source, "do_center_crop", False) and crop_size:
+    center_crop = bool(getattr(source, "do_center_crop", False) and crop_size)
+    if center_crop:
         crop_side = square_side(crop_size, "crop_size", name)
         if crop_side != side:
             raise CommandError(
@@ -113,17 +116,27 @@ def image_processor_from_clip(source, image_size: int) -> MmfuseImageProcessor:
         image_mean=source.image_mean,
         image_std=source.image_std,
         do_normalize=getattr(source, "do_normalize", True),
+        crop_to_square=keeps_aspect_ratio(source) and center_crop,
     )
 
 
-def warn_if_aspect_ratio_kept(source) -> None:
-    # NOTE: CLIP-style processors resize the shortest edge and center-crop, which keeps the aspect
-    # ratio; MmfuseImageProcessor stretches. Square images give identical pixel values, others not.
+def keeps_aspect_ratio(source) -> bool:
+    """True when `source` resizes the shortest edge (`size={"shortest_edge": n}`) instead of to a fixed shape."""
     size = getattr(source, "size", None)
-    if isinstance(size, dict) and "shortest_edge" in size:
+    if size is None or isinstance(size, int):
+        return isinstance(size, int)
+    # transformers 5 stores sizes as `SizeDict`, which converts to a dict of the fields that are set.
+    return "shortest_edge" in dict(size)
+
+
+def warn_if_aspect_ratio_kept(source) -> None:
+    # NOTE: without a center crop, a shortest-edge resize gives non-square pixel values, which
+    # MmfuseImageProcessor cannot output; it stretches instead. Square images still match.
+    crops = getattr(source, "do_center_crop", False) and getattr(source, "crop_size", None)
+    if keeps_aspect_ratio(source) and not crops:
         logger.warning(
-            "The source image processor keeps the aspect ratio (shortest-edge resize, center crop); the "
-            "converted processor stretches images to a square, so non-square images get different pixel values."
+            "The source image processor resizes the shortest edge without a center crop; the converted processor "
+            "stretches images to a square, so non-square images get different pixel values."
         )
 
 
