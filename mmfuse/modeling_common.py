@@ -370,6 +370,20 @@ class MmfuseLMHeadMixin:
         )
         return logits, loss
 
+    def compute_logits_and_loss(
+        self, hidden_states, labels, input_ids, attention_mask, logits_to_keep=0, supervised_logits_only=False
+    ) -> tuple:
+        """Return `(logits, loss)` of a forward call; `loss` is None without `labels`.
+
+        With `labels` and `supervised_logits_only`, the head runs only where a label counts
+        (`compute_supervised_lm_loss`); otherwise at the last `logits_to_keep` positions.
+        """
+        if labels is not None and supervised_logits_only:
+            return self.compute_supervised_lm_loss(hidden_states, labels, input_ids, attention_mask)
+        logits = self.compute_lm_logits(hidden_states, logits_to_keep)
+        loss = None if labels is None else self.compute_lm_loss(logits, labels, input_ids, attention_mask)
+        return logits, loss
+
 
 __all__ = [
     "CACHE_FIELD",

@@ -638,15 +638,9 @@ class MmfuseCrossAttentionForConditionalGeneration(
             **kwargs,
         )
 
-        loss = None
-        if labels is not None and supervised_logits_only:
-            logits, loss = self.compute_supervised_lm_loss(
-                outputs.last_hidden_state, labels, input_ids, attention_mask
-            )
-        else:
-            logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
-            if labels is not None:
-                loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
+        logits, loss = self.compute_logits_and_loss(
+            outputs.last_hidden_state, labels, input_ids, attention_mask, logits_to_keep, supervised_logits_only
+        )
 
         return MmfuseCrossAttentionCausalLMOutputWithPast(
             loss=loss,

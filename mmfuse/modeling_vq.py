@@ -431,18 +431,12 @@ class MmfuseVQForConditionalGeneration(MmfuseLMHeadMixin, MmfuseVQPreTrainedMode
             **kwargs,
         )
 
-        loss = None
         if labels is not None and input_ids is not None and self.config.image_token_id is not None:
             is_placeholder = labels == self.config.image_token_id
             labels = torch.where(is_placeholder, input_ids.to(labels.device), labels)
-        if labels is not None and supervised_logits_only:
-            logits, loss = self.compute_supervised_lm_loss(
-                outputs.last_hidden_state, labels, input_ids, attention_mask
-            )
-        else:
-            logits = self.compute_lm_logits(outputs.last_hidden_state, logits_to_keep)
-            if labels is not None:
-                loss = self.compute_lm_loss(logits, labels, input_ids, attention_mask)
+        logits, loss = self.compute_logits_and_loss(
+            outputs.last_hidden_state, labels, input_ids, attention_mask, logits_to_keep, supervised_logits_only
+        )
 
         return MmfuseCausalLMOutputWithPast(
             loss=loss,

@@ -200,8 +200,15 @@ def test_lora_stage_keeps_tied_embeddings_tied(tokenizer, tmp_path):
     assert not any("lora_" in name for name, _ in trained.named_parameters())
 
 
-def test_vision_features_match_pixel_values(tiny_projection):
-    model, processor = tiny_projection
+@pytest.mark.parametrize("fusion", ["projection", "cross_attention"])
+def test_vision_features_match_pixel_values(fusion, request):
+    if fusion == "projection":
+        model, processor = request.getfixturevalue("tiny_projection")
+    else:
+        model, processor = tiny_cross_attention()
+        with torch.no_grad():  # open the zero-initialised gates, so the images change the logits
+            for block in model.model.gated_decoder_layers():
+                block.gated_cross_attention.attention_gate.fill_(0.7)
     batch = VisionTextCollator(processor)(colour_examples(2))
     batch.pop("image_ids")
     assert supports_feature_cache(model)
@@ -212,11 +219,13 @@ def test_vision_features_match_pixel_values(tiny_projection):
         model(**batch, pixel_values=torch.zeros(2, 3, 30, 30), vision_features=vision_features)
 
 
-def test_feature_cache_runs_tower_once_per_image(make_projection, tmp_path):
+@pytest.mark.parametrize("fusion", ["projection", "cross_attention"])
+def test_feature_cache_runs_tower_once_per_image(fusion, make_projection, tmp_path):
+    build = make_projection if fusion == "projection" else tiny_cross_attention
     dataset = colour_examples(4, repeats=3)  # 12 examples, 4 images
     histories, counts = {}, {}
     for cached in (True, False):
-        model, processor = make_projection()
+        model, processor = build()
         counter = TowerCounter(model.vision_tower)
         result = train(
             model,
@@ -255,46 +264,6 @@ def tiny_cross_attention(seed: int = 0):
         vision_model, language_model, tokenizer, resampler_num_latents=3, cross_attention_every_n_layers=1
     )
     return model.eval(), processor
-
-
-def test_cross_attention_vision_features_match_pixel_values():
-    model, processor = tiny_cross_attention()
-    with torch.no_grad():
-        for block in model.model.gated_decoder_layers():
-            block.gated_cross_attention.attention_gate.fill_(0.7)
-    batch = VisionTextCollator(processor)(colour_examples(2))
-    batch.pop("image_ids")
-    assert supports_feature_cache(model)
-    reference = model(**batch).logits
-    vision_features = model.get_vision_features(batch.pop("pixel_values"))
-    torch.testing.assert_close(model(**batch, vision_features=vision_features).logits, reference)
-    with pytest.raises(ValueError, match=r"either `pixel_values` or precomputed `vision_features`"):
-        model(**batch, pixel_values=torch.zeros(2, 3, 30, 30), vision_features=vision_features)
-
-
-def test_cross_attention_feature_cache_same_losses(tmp_path):
-    dataset = colour_examples(4, repeats=2)  # 8 examples, 4 images
-    histories, counts = {}, {}
-    for cached in (True, False):
-        model, processor = tiny_cross_attention()
-        counter = TowerCounter(model.vision_tower)
-        result = train(
-            model,
-            processor,
-            dataset,
-            str(tmp_path / str(cached)),
-            stage="connector",
-            use_feature_cache=cached,
-            batch_size=4,
-            num_train_epochs=2,
-            logging_steps=1,
-            save_final_model=False,
-        )
-        histories[cached] = [loss for _, loss in result.loss_history]
-        counts[cached] = counter.images
-    assert counts[True] == 4
-    assert counts[False] == 8 * 2
-    torch.testing.assert_close(torch.tensor(histories[True]), torch.tensor(histories[False]), rtol=1e-5, atol=1e-6)
 
 
 def test_feature_cache_rejects_trained_tower(tiny_projection, tmp_path):
