@@ -100,9 +100,10 @@ class DemoSettings:
     # bfloat16 instructions or the GPU supports it (see `choose_precision`).
     precision: str = "auto"
     connector_learning_rate: float = 2e-3
-    # 6-minute runs of the default demo (2 threads, bf16, 300 test questions): LoRA share 0.6 at 3e-4
-    # scored 70.3% (526 steps), 0.85 at 3e-4 75.3% (459), 0.6 at 1e-3 78.7% (529), 0.85 at 1e-3
-    # 76.3% (398, on a busier machine), and 0.85 at 1e-3 with the decay below 80.3% (454).
+    # Chosen from 6-minute runs of the demo (2 threads, bf16, 300 test questions). LoRA share 0.6 at
+    # 3e-4 scored 70.3% in 526 steps, and 0.85 at 3e-4 scored 75.3% in 459. At 1e-3, 0.6 scored 78.7%
+    # in 529 steps, 0.85 scored 76.3% in 398 (on a busier machine), and 0.85 with the decay below
+    # scored 80.3% in 454. BENCHMARKS.md lists these runs.
     lora_learning_rate: float = 1e-3
     # Decay each stage's learning rate linearly to 0 at the end of its time (see `TimeBudgetCallback`).
     decay_learning_rate: bool = True
