@@ -451,3 +451,24 @@ def test_llava_original_bad_inputs(tmp_path, capsys):
     assert run(vision=tmp_path / "no-vision") == 1
     assert os.fspath(tmp_path / "no-vision") in error_line(capsys)
     assert not output.exists()
+
+
+def test_output_folder_gets_default_permissions(tmp_path):
+    from safetensors.torch import save_file
+
+    from mmfuse.conversion.output import atomic_output_dir
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_output_dir(str(tmp_path / "out")) as staging:
+            os.makedirs(os.path.join(staging, "sub"))
+            save_file({"weight": torch.zeros(2)}, os.path.join(staging, "sub", "model.safetensors"))
+            with open(os.path.join(staging, "config.json"), "w") as file:
+                file.write("{}")
+    finally:
+        os.umask(previous)
+    # mkdtemp creates 0700 folders and safetensors writes 0600 files; the published folder follows the umask.
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "sub").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out" / "config.json").stat().st_mode & 0o777 == 0o644

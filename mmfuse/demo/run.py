@@ -692,7 +692,8 @@ def add_arguments(parser):
         "--threads",
         type=int,
         default=0,
-        help="torch threads; 0 uses the cores that the load average leaves free (all with OMP_WAIT_POLICY=PASSIVE).",
+        help="torch threads; 0 uses the cores that other processes leave free, read from /proc/stat (all cores with "
+        "OMP_WAIT_POLICY=PASSIVE).",
     )
     parser.add_argument(
         "--precision",
@@ -732,9 +733,15 @@ def run(args) -> int:
         )
     except ValueError as error:
         raise CommandError(str(error)) from error
-    metrics = run_demo(settings)
+    try:
+        metrics = run_demo(settings)
+    except ValueError as error:  # settings that only fail once the parts are loaded, e.g. a too small budget
+        raise CommandError(str(error)) from error
     print(open(os.path.join(settings.output_dir, "metrics.md"), encoding="utf-8").read())
-    print(f"Wrote {settings.output_dir}/ (metrics.json, metrics.md, loss.png, examples.md)")
+    saved = [f"model-{fusion}" for fusion, row in metrics["fusions"].items() if row.get("model_dir")]
+    print(
+        f"Wrote {settings.output_dir}/ ({', '.join(['metrics.json', 'metrics.md', 'loss.png', 'examples.md'] + saved)})"
+    )
     return 0 if metrics["fusions"] else 1
 
 
