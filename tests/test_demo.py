@@ -274,7 +274,7 @@ def test_threads_follow_free_cores(monkeypatch):
     monkeypatch.setattr("mmfuse.demo.run.measure_busy_cores", lambda: 3.9)
     assert choose_num_threads(0) == 1
     assert choose_num_threads(2) == 2
-    # Without /proc/stat the load average stands in.
+    # Without /proc/stat the load average is used instead.
     monkeypatch.setattr("mmfuse.demo.run.measure_busy_cores", lambda: None)
     monkeypatch.setattr("os.getloadavg", lambda: (0.4, 0.0, 0.0))
     assert choose_num_threads(0) == 4
@@ -305,7 +305,11 @@ def test_busy_cores_sees_a_spinning_process():
 def test_precision_choice(monkeypatch, tmp_path):
     assert choose_precision("fp32") == "fp32"
     assert choose_precision("bf16") == "bf16"
-    assert choose_precision("auto") in ("bf16", "fp32")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("mmfuse.demo.run.cpu_flags", lambda: ["fpu", "avx2", "amx_bf16"])
+    assert choose_precision("auto") == "bf16"
+    monkeypatch.setattr("mmfuse.demo.run.cpu_flags", lambda: ["fpu", "avx2"])
+    assert choose_precision("auto") == "fp32"
     with pytest.raises(ValueError, match=r"precision='fp8' is invalid; use one of \('auto', 'bf16', 'fp32'\)"):
         tiny_settings(tmp_path, precision="fp8")
 

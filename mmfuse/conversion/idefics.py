@@ -15,7 +15,7 @@ import copy
 import os
 
 import torch
-from transformers import AutoProcessor, AutoTokenizer, IdeficsForVisionText2Text
+from transformers import AutoTokenizer, IdeficsForVisionText2Text
 from transformers.utils import logging
 
 from ..cli import CommandError
@@ -24,11 +24,10 @@ from ..modeling_common import TRANSFORMERS_MAJOR
 from ..modeling_cross_attention import MmfuseCrossAttentionForConditionalGeneration, media_location_mask
 from ..processing_common import MmfuseImageProcessor
 from ..processing_cross_attention import MmfuseCrossAttentionProcessor
-from .llava import image_processor_from_clip
+from .llava import image_processor_from_clip, load_processor
 from .output import atomic_output_dir, check_output_dir
 from .parity import (
     FP32_LOAD_KWARGS,
-    PIL_BACKEND_KWARGS,
     add_parity_arguments,
     compare_outputs,
     load_strictly,
@@ -239,13 +238,7 @@ def load_source_processor(folder: str):
             "into the input folder to convert it as well."
         )
         return None
-    try:
-        processor = AutoProcessor.from_pretrained(folder, **PIL_BACKEND_KWARGS)
-    except (OSError, ValueError, TypeError) as error:
-        raise CommandError(
-            f"could not load the Idefics processor from {folder}: {str(error).splitlines()[0]}; "
-            "save the IdeficsProcessor into the same folder."
-        ) from error
+    processor = load_processor(folder, "Idefics")
     if type(processor).__name__ != "IdeficsProcessor":
         raise CommandError(
             f"{folder} contains a {type(processor).__name__}, expected an IdeficsProcessor; "

@@ -140,6 +140,17 @@ def warn_if_aspect_ratio_kept(source) -> None:
         )
 
 
+def load_processor(folder: str, model_name: str):
+    """Load the processor saved in `folder` with its PIL image backend; `model_name` names it in errors."""
+    try:
+        return AutoProcessor.from_pretrained(folder, **PIL_BACKEND_KWARGS)
+    except (OSError, ValueError, TypeError) as error:
+        raise CommandError(
+            f"could not load the {model_name} processor from {folder}: {str(error).splitlines()[0]}; "
+            f"save the {model_name}Processor into the same folder."
+        ) from error
+
+
 def load_source(folder: str):
     """Load the Llava model (fp32) and processor in `folder`, rejecting incomplete checkpoints."""
     try:
@@ -151,13 +162,7 @@ def load_source(folder: str):
             f"{folder} contains a model of type {config.model_type!r}, expected 'llava'; "
             "pass a folder written by LlavaForConditionalGeneration.save_pretrained."
         )
-    try:
-        processor = AutoProcessor.from_pretrained(folder, **PIL_BACKEND_KWARGS)
-    except (OSError, ValueError, TypeError) as error:
-        raise CommandError(
-            f"could not load the Llava processor from {folder}: {str(error).splitlines()[0]}; "
-            "save the LlavaProcessor into the same folder."
-        ) from error
+    processor = load_processor(folder, "Llava")
     if not hasattr(processor, "image_processor") or not hasattr(processor, "image_token"):
         raise CommandError(
             f"{folder} contains a {type(processor).__name__}, expected a LlavaProcessor; "

@@ -579,12 +579,17 @@ def choose_precision(precision: str) -> str:
         return precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    flags = cpu_flags()
+    return "bf16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "fp32"
+
+
+def cpu_flags() -> list:
+    """Return the instruction-set flags of the first CPU in `/proc/cpuinfo`; empty where it is missing."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as file:
-            flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
     except OSError:
-        return "fp32"
-    return "bf16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "fp32"
+        return []
 
 
 def run_demo(settings: DemoSettings, parts: PretrainedParts | None = None) -> dict:
